@@ -1,0 +1,5 @@
+"""Imports every command module so that each registers its commands on ``cli``.
+
+One line per module; helpers add their own line and touch nothing else.
+"""
+from __future__ import annotations
