@@ -1,0 +1,677 @@
+"""The if_ovpn command set as a userspace state machine (sans-IO).
+
+:class:`Engine` answers the same packed nvlists with the same errnos, checked
+in the same order, as FreeBSD's ``sys/net/if_ovpn.c`` (spec if_ovpn.md §1-§10),
+so the typed API drives it unchanged.  It does no I/O of its own: sockets,
+tun devices and routes go through a :class:`Host` (``daemon.LinuxHost`` in
+production, a small fake in unit tests), packets through a
+:class:`~bsd_ovpn.engine.dataplane.DataPlane`, and time comes from a clock
+(``time.monotonic``) so keepalives can be driven by :meth:`Engine.tick`.
+
+Check order, per request (first failure wins):
+
+* unknown interface: ENXIO (ifioctl fails before the driver sees anything);
+* SET: more than 4096 bytes: E2BIG; the nvlist does not unpack with flags 0:
+  EINVAL; a command that is not a SET command (GET commands, 9 = SEND_PKT,
+  anything unknown): ENOTSUP; then the command's own checks (below);
+* GET: a command that is not a GET command: ENOTSUP; reply larger than
+  ``bufsize``: ENOSPC (for GET_PKT the notification is already dequeued and
+  is lost, as in the kernel).
+
+Numbers are truncated the way the kernel's C variables truncate them: slot
+and ifmode to 32 bits (``int``), peer ids looked up as ``uint32``, keepalive
+values to ``uint32``; the port field to 16 bits and read as network order.
+
+Where the engine deliberately differs from the kernel:
+
+* NEW_PEER ``peerid`` > 0xFFFFFF and NEW_KEY ``keyid`` > 7 or ``peerid`` >
+  0xFFFFFF are EINVAL.  The kernel stores them and corrupts the opcode word
+  on the wire; the engine refuses.  (Checked right after the key's presence
+  check of the same name, NEW_KEY's after the slot check.)
+* NEW_KEY whose encrypt and decrypt use different cipher families (none /
+  GCM / ChaCha) is EINVAL: data planes hold one cipher per key.  AES names
+  with a different key length behave as in the kernel (the length wins).
+* NEW_PEER's socket must be a UDP/IP socket bound with SO_REUSEPORT (the
+  engine joins its port, see :mod:`.steering`); a non-IP datagram socket is
+  EPROTOTYPE, a socket without SO_REUSEPORT EADDRINUSE (at the step where the
+  kernel hooks the socket).
+* SET_PEER with interval 0 stops a running ping timer (the kernel would
+  re-arm it with 0 ticks: a tight loop).  A timeout lowered to 0 deletes the
+  peer when the armed timer fires, as in the kernel.
+* Replay protection is on by default (``net.link.openvpn.replay_protection``
+  defaults to 0 in the kernel).
+* Notifications cannot wake the control plane's socket (the kernel sets
+  ``so_error = EAGAIN`` on it); controllers poll POLL_PKT/GET_PKT, which
+  OpenVPN and bsd_ovpn's daemons do anyway.
+"""
+from __future__ import annotations
+
+import errno as E
+import ipaddress
+import os
+import socket
+import stat
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from bsd_ovpn import nv
+from bsd_ovpn.engine.dataplane import DataPlane, PeerCounters
+from bsd_ovpn.ifovpn import (
+    AF_INET, AF_INET6, CIPHER_KEY_SIZES, GET_COMMANDS, IFF_BROADCAST, IFF_MULTICAST,
+    IFF_POINTOPOINT, IFMODE_P2P, IMPLICIT_IV_SIZE, INTERFACE_PREFIX, MAX_KEY_ID, MAX_KEY_SIZE,
+    MAX_PEER_ID, MAX_REQUEST_SIZE, NOTIFICATION_QUEUE_LEN, SET_COMMANDS, Command, DelReason,
+    NotifType,
+)
+
+U32 = 0xFFFFFFFF
+IFNAMSIZ = 16
+
+#: (kernel af, raw address bytes, port in host order, scope id)
+KAddr = tuple
+
+
+class CommandError(Exception):
+    """Internal: a command check failed with this errno (never leaves the module)."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err)
+        self.errno = err
+
+
+@dataclass(frozen=True)
+class SocketInfo:
+    """What NEW_PEER learns from the passed fd (the kernel's getsock + sosockaddr)."""
+
+    ident: tuple[int, int]          # (st_dev, st_ino): the same socket through any fd
+    sock_type: int                  # socket.SOCK_DGRAM, ...
+    family: int                     # socket.AF_INET / AF_INET6 / other
+    local: KAddr | None             # bound address (port 0 if unbound); None: not IP
+
+
+def inspect_socket(fd: int) -> SocketInfo:
+    """Look at a socket fd without taking it over (raises OSError EBADF/ENOTSOCK)."""
+    st = os.fstat(fd)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(E.ENOTSOCK, "not a socket")
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        local: KAddr | None = None
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            name = sock.getsockname()
+            ip = ipaddress.ip_address(name[0].split("%", 1)[0])
+            if ip.version == 4:
+                local = (AF_INET, ip.packed, name[1], 0)
+            else:
+                local = (AF_INET6, ip.packed, name[1], name[3])
+        return SocketInfo((st.st_dev, st.st_ino), sock.type, sock.family, local)
+    finally:
+        sock.close()
+
+
+class Host(Protocol):
+    """The engine's I/O edge: tun devices, sockets, routes (``daemon.LinuxHost``)."""
+
+    def inspect_socket(self, fd: int) -> SocketInfo: ...
+    def select_source(self, remote: KAddr) -> bytes: ...
+    def create_link(self, name: str) -> str: ...
+    def destroy_link(self, name: str) -> None: ...
+    def rename_link(self, name: str, new_name: str) -> None: ...
+    def set_link_up(self, name: str) -> None: ...
+    def link_is_up(self, name: str) -> bool: ...
+    def link_exists(self, name: str) -> bool: ...
+    def make_dataplane(self, name: str) -> DataPlane: ...
+    def hook_socket(self, name: str, fd: int, dataplane: DataPlane) -> None: ...
+    def unhook_socket(self, name: str, dataplane: DataPlane) -> None: ...
+    def set_steering(self, name: str, peer_ids: list[int]) -> None: ...
+    def gateway_routes(self, name: str) -> list: ...
+
+
+@dataclass
+class Notification:
+    type: NotifType
+    peer_id: int
+    del_reason: DelReason = DelReason.REQUESTED
+    counters: PeerCounters | None = None
+    address: KAddr | None = None
+
+
+@dataclass
+class PeerState:
+    peer_id: int
+    remote: KAddr
+    local: KAddr
+    vpn4: bytes
+    vpn6: bytes
+    key_ids: list[int] = field(default_factory=lambda: [0, 0])
+    key_installed: list[bool] = field(default_factory=lambda: [False, False])
+    interval: int = 0
+    timeout: int = 0
+    next_ping: float | None = None
+    timeout_at: float | None = None
+
+
+@dataclass
+class IfState:
+    name: str
+    dataplane: DataPlane
+    flags: int = IFMODE_P2P
+    up: bool = False
+    socket: SocketInfo | None = None
+    peers: dict[int, PeerState] = field(default_factory=dict)
+    ring: deque = field(default_factory=deque)
+    routes: list = field(default_factory=list)
+
+    def notify(self, n: Notification) -> bool:
+        """Queue a notification; a full ring drops the new one (buf_ring_enqueue)."""
+        if len(self.ring) >= NOTIFICATION_QUEUE_LEN:
+            return False
+        self.ring.append(n)
+        return True
+
+
+# ---------------------------------------------------------------------------
+# nvlist helpers: the kernel's lookups by (name, type)
+# ---------------------------------------------------------------------------
+
+def _number(nvl: nv.NVList, name: str) -> int:
+    if not nvl.has_number(name):
+        raise CommandError(E.EINVAL)
+    return nvl.get_number(name)
+
+
+def _c_int(value: int) -> int:
+    """``int x = nvlist_get_number(...)``: the low 32 bits, signed."""
+    value &= U32
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def parse_sockaddr(nvl: nv.NVList) -> KAddr:
+    """ovpn_nvlist_to_sockaddr: af/address/port required, af 2 or 28, exact length."""
+    if not (nvl.has_number("af") and nvl.has_binary("address") and nvl.has_number("port")):
+        raise CommandError(E.EINVAL)
+    af = _c_int(nvl.get_number("af"))
+    addr = nvl.get_binary("address")
+    raw_port = nvl.get_number("port") & 0xFFFF
+    port = socket.ntohs(raw_port)                     # stored raw into sin_port
+    if af == AF_INET:
+        if len(addr) != 4:
+            raise CommandError(E.EINVAL)
+        return (AF_INET, addr, port, 0)
+    if af == AF_INET6:
+        if len(addr) != 16:
+            raise CommandError(E.EINVAL)
+        scope = nvl.get_number("scopeid") & U32 if nvl.has_number("scopeid") else 0
+        return (AF_INET6, addr, port, scope)
+    raise CommandError(E.EINVAL)
+
+
+def sockaddr_nvlist(a: KAddr) -> nv.NVList:
+    """ovpn_add_sockaddr: af, port (raw network order), address, and scopeid for v6."""
+    out = nv.NVList()
+    out.add("af", a[0])
+    out.add("port", socket.htons(a[2]))
+    out.add("address", bytes(a[1]))
+    if a[0] == AF_INET6:
+        out.add("scopeid", a[3])
+    return out
+
+
+def kaddr_to_sockaddr(a: KAddr) -> tuple:
+    """Kernel address -> Python sockaddr tuple (what data planes take)."""
+    if a[0] == AF_INET:
+        return (str(ipaddress.IPv4Address(a[1])), a[2])
+    return (str(ipaddress.IPv6Address(a[1])), a[2], 0, a[3])
+
+
+def sockaddr_to_kaddr(sa: tuple) -> KAddr:
+    ip = ipaddress.ip_address(sa[0].split("%", 1)[0])
+    if ip.version == 4:
+        return (AF_INET, ip.packed, sa[1], 0)
+    return (AF_INET6, ip.packed, sa[1], sa[3] if len(sa) > 3 else 0)
+
+
+def _counters(inn: int, out: int) -> nv.NVList:
+    return nv.NVList([("in", inn), ("out", out)])
+
+
+_CIPHER_FAMILY = {"none": "none", "AES-128-GCM": "gcm", "AES-192-GCM": "gcm",
+                  "AES-256-GCM": "gcm", "CHACHA20-POLY1305": "chacha"}
+
+
+def parse_key_dir(nvl: nv.NVList) -> tuple[str, bytes, bytes]:
+    """ovpn_create_kkey_dir's checks: (cipher, key, iv) or CommandError."""
+    if not nvl.has_string("cipher"):
+        raise CommandError(E.EINVAL)
+    cipher = nvl.get_string("cipher")
+    if cipher not in CIPHER_KEY_SIZES:
+        raise CommandError(E.EINVAL)
+    if cipher == "none":
+        return cipher, b"", b""
+    if not nvl.has_binary("key"):
+        raise CommandError(E.EINVAL)
+    key = nvl.get_binary("key")
+    if len(key) > MAX_KEY_SIZE:
+        raise CommandError(E.E2BIG)
+    if not nvl.has_binary("iv"):
+        raise CommandError(E.EINVAL)
+    iv = nvl.get_binary("iv")
+    if len(iv) != IMPLICIT_IV_SIZE:
+        raise CommandError(E.E2BIG)
+    # crypto_newsession: GCM takes 16/24/32-byte keys, ChaCha20-Poly1305 32.
+    valid = (32,) if cipher == "CHACHA20-POLY1305" else (16, 24, 32)
+    if len(key) not in valid:
+        raise CommandError(E.EINVAL)
+    return cipher, key, iv
+
+
+# ---------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------
+
+class Engine:
+    """Every if_ovpn interface of one engine daemon, and their command handlers."""
+
+    def __init__(self, host: Host, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.host = host
+        self.clock = clock
+        self.interfaces: dict[str, IfState] = {}
+        self.replay_protection = True
+
+    # -- cloner ------------------------------------------------------------
+    def create_interface(self, name: str = INTERFACE_PREFIX) -> tuple[int, str]:
+        """SIOCIFCREATE2: (0, name) or (errno, "").  Names must start with "ovpn"."""
+        if not name.startswith(INTERFACE_PREFIX) or len(name.encode()) >= IFNAMSIZ \
+                or "/" in name or any(c.isspace() for c in name):
+            return E.EINVAL, ""
+        if name in self.interfaces:
+            return E.EEXIST, ""
+        if name[len(INTERFACE_PREFIX):].rstrip("0123456789") == name[len(INTERFACE_PREFIX):]:
+            # no unit given: the kernel appends the first free unit number
+            unit = 0
+            while f"{name}{unit}" in self.interfaces or self._host_has(f"{name}{unit}"):
+                unit += 1
+            name = f"{name}{unit}"
+            if len(name.encode()) >= IFNAMSIZ:
+                return E.ENOSPC, ""
+        try:
+            real = self.host.create_link(name)
+        except OSError as exc:
+            return exc.errno or E.EIO, ""
+        dp = self.host.make_dataplane(real)
+        dp.replay_protection = self.replay_protection
+        dp.set_running(False)
+        self.interfaces[real] = IfState(real, dp)
+        return 0, real
+
+    def _host_has(self, name: str) -> bool:
+        return self.host.link_exists(name)
+
+    def destroy_interface(self, name: str) -> int:
+        """SIOCIFDESTROY: peers deleted (notifications flushed), socket released."""
+        ifs = self.interfaces.get(name)
+        if ifs is None:
+            return E.ENXIO
+        for peer_id in sorted(ifs.peers):
+            self._delete_peer(ifs, peer_id, DelReason.REQUESTED)
+        ifs.ring.clear()
+        if ifs.socket is not None:
+            self.host.unhook_socket(name, ifs.dataplane)
+            ifs.socket = None
+        ifs.dataplane.detach()
+        del self.interfaces[name]
+        self.host.destroy_link(name)
+        return 0
+
+    def rename_interface(self, name: str, new_name: str) -> int:
+        """SIOCSIFNAME (any new name, as the kernel allows: OpenVPN renames to tun0)."""
+        ifs = self.interfaces.get(name)
+        if ifs is None:
+            return E.ENXIO
+        if not new_name or len(new_name.encode()) >= IFNAMSIZ or "/" in new_name:
+            return E.EINVAL
+        if new_name in self.interfaces or (new_name != name and self._host_has(new_name)):
+            return E.EEXIST
+        try:
+            self.host.rename_link(name, new_name)
+        except OSError as exc:
+            return exc.errno or E.EIO
+        del self.interfaces[name]
+        ifs.name = new_name
+        self.interfaces[new_name] = ifs
+        return 0
+
+    def list_interfaces(self) -> list[str]:
+        return sorted(self.interfaces)
+
+    def close(self) -> None:
+        for name in list(self.interfaces):
+            self.destroy_interface(name)
+
+    # -- SIOCSDRVSPEC ------------------------------------------------------
+    def handle_set(self, ifname: str, cmd: int, data: bytes | None, fd: int | None = None) -> int:
+        """One SET request; returns 0 or the kernel's errno."""
+        ifs = self.interfaces.get(ifname)
+        if ifs is None:
+            return E.ENXIO
+        nvl: nv.NVList | None = None
+        if data:
+            if len(data) > MAX_REQUEST_SIZE:
+                return E.E2BIG
+            try:
+                nvl = nv.unpack(data, flags=0, nfds=0)
+            except nv.NVError:
+                return E.EINVAL
+        handler = self._SET.get(cmd)
+        if handler is None:
+            return E.ENOTSUP
+        self.sync(ifs)
+        try:
+            if cmd == Command.OVPN_NEW_PEER:
+                self._new_peer(ifs, nvl, fd)
+            else:
+                handler(self, ifs, nvl)
+        except CommandError as exc:
+            return exc.errno
+        return 0
+
+    def _new_peer(self, ifs: IfState, nvl: nv.NVList | None, fd: int | None) -> None:
+        if nvl is None:
+            raise CommandError(E.EINVAL)
+        peer_id = _number(nvl, "peerid")
+        _number(nvl, "fd")
+        if not nvl.has_nvlist("remote"):
+            raise CommandError(E.EINVAL)
+        if peer_id > MAX_PEER_ID:
+            raise CommandError(E.EINVAL)            # engine: the kernel does not check
+        remote = parse_sockaddr(nvl.get_nvlist("remote"))
+        # getsock(): the descriptor that came with the request (SCM_RIGHTS)
+        if fd is None:
+            raise CommandError(E.EBADF)
+        try:
+            info = self.host.inspect_socket(fd)
+        except OSError as exc:
+            raise CommandError(exc.errno or E.EBADF) from None
+        vpn4 = vpn6 = None
+        if nvl.has_binary("vpn_ipv4"):
+            vpn4 = nvl.get_binary("vpn_ipv4")
+            if len(vpn4) != 4:
+                raise CommandError(E.EINVAL)
+        if nvl.has_binary("vpn_ipv6"):
+            vpn6 = nvl.get_binary("vpn_ipv6")
+            if len(vpn6) != 16:
+                raise CommandError(E.EINVAL)
+        sock_local = info.local if info.local is not None else (0, b"", 0, 0)
+        local = sock_local
+        if nvl.has_nvlist("local"):
+            local = parse_sockaddr(nvl.get_nvlist("local"))
+            if local[2] == 0:
+                local = (local[0], local[1], sock_local[2], local[3])
+        if local[2] == 0:
+            raise CommandError(E.EINVAL)
+        if local[0] != remote[0]:
+            raise CommandError(E.EINVAL)
+        if local[0] == AF_INET6 and ipaddress.IPv6Address(remote[1]).ipv4_mapped is not None:
+            # a dual-stack socket talking to an IPv4 peer: treat both as IPv4
+            remote = (AF_INET, remote[1][12:], remote[2], 0)
+            local = (AF_INET, local[1][12:], local[2], 0)
+        if local[0] == AF_INET6 and local[1] == bytes(16):
+            try:
+                local = (AF_INET6, self.host.select_source(remote), local[2], local[3])
+            except OSError as exc:
+                raise CommandError(exc.errno or E.EHOSTUNREACH) from None
+        if peer_id in ifs.peers:
+            raise CommandError(E.EEXIST)
+        if info.sock_type != socket.SOCK_DGRAM or info.local is None:
+            raise CommandError(E.EPROTOTYPE)
+        if ifs.socket is not None and ifs.socket.ident != info.ident:
+            if ifs.peers:
+                raise CommandError(E.EBUSY)
+            self.host.unhook_socket(ifs.name, ifs.dataplane)
+            ifs.socket = None
+        if ifs.socket is None:
+            try:
+                self.host.hook_socket(ifs.name, fd, ifs.dataplane)
+            except OSError as exc:
+                raise CommandError(exc.errno or E.EINVAL) from None
+            ifs.socket = info
+        peer = PeerState(peer_id, remote, local, vpn4 or bytes(4), vpn6 or bytes(16))
+        ifs.peers[peer_id] = peer
+        ifs.dataplane.add_peer(peer_id, kaddr_to_sockaddr(remote), kaddr_to_sockaddr(local),
+                               vpn4, vpn6)
+        self.host.set_steering(ifs.name, sorted(ifs.peers))
+
+    def _del_peer(self, ifs: IfState, nvl: nv.NVList | None) -> None:
+        if nvl is None:
+            raise CommandError(E.EINVAL)
+        peer_id = _number(nvl, "peerid") & U32
+        if peer_id not in ifs.peers:
+            raise CommandError(E.ENOENT)
+        self._delete_peer(ifs, peer_id, DelReason.REQUESTED)
+
+    def _delete_peer(self, ifs: IfState, peer_id: int, reason: DelReason) -> None:
+        del ifs.peers[peer_id]
+        counters = ifs.dataplane.del_peer(peer_id)
+        ifs.notify(Notification(NotifType.DEL_PEER, peer_id, reason, counters))
+        self.host.set_steering(ifs.name, sorted(ifs.peers))
+
+    def _new_key(self, ifs: IfState, nvl: nv.NVList | None) -> None:
+        if nvl is None:
+            raise CommandError(E.EINVAL)
+        slot = _c_int(_number(nvl, "slot"))
+        key_id = _number(nvl, "keyid")
+        peer_id = _number(nvl, "peerid")
+        if slot not in (0, 1):
+            raise CommandError(E.EINVAL)
+        if key_id > MAX_KEY_ID or peer_id > MAX_PEER_ID:
+            raise CommandError(E.EINVAL)            # engine: the kernel does not check
+        if not (nvl.has_nvlist("encrypt") and nvl.has_nvlist("decrypt")):
+            raise CommandError(E.EINVAL)
+        enc = parse_key_dir(nvl.get_nvlist("encrypt"))
+        dec = parse_key_dir(nvl.get_nvlist("decrypt"))
+        if _CIPHER_FAMILY[enc[0]] != _CIPHER_FAMILY[dec[0]]:
+            raise CommandError(E.EINVAL)            # engine: one cipher family per key
+        peer = ifs.peers.get(peer_id)
+        if peer is None:
+            raise CommandError(E.ENOENT)
+        ifs.dataplane.set_key(peer_id, slot, key_id, enc[0], enc[1], enc[2], dec[1], dec[2])
+        peer.key_ids[slot] = key_id
+        peer.key_installed[slot] = True
+
+    def _swap_keys(self, ifs: IfState, nvl: nv.NVList | None) -> None:
+        if nvl is None:
+            raise CommandError(E.EINVAL)
+        peer = ifs.peers.get(_number(nvl, "peerid") & U32)
+        if peer is None:
+            raise CommandError(E.ENOENT)
+        if not peer.key_installed[1]:
+            raise CommandError(E.ENOLINK)
+        ifs.dataplane.swap_keys(peer.peer_id)
+        peer.key_ids.reverse()
+        peer.key_installed.reverse()
+
+    def _del_key(self, ifs: IfState, nvl: nv.NVList | None) -> None:
+        if nvl is None:
+            raise CommandError(E.EINVAL)
+        peer_id = _number(nvl, "peerid") & U32
+        slot = _number(nvl, "slot") & U32
+        if slot not in (0, 1):
+            raise CommandError(E.EINVAL)
+        peer = ifs.peers.get(peer_id)
+        if peer is None:
+            raise CommandError(E.ENOENT)
+        ifs.dataplane.del_key(peer_id, slot)
+        peer.key_ids[slot] = 0
+        peer.key_installed[slot] = False
+
+    def _set_peer(self, ifs: IfState, nvl: nv.NVList | None) -> None:
+        if nvl is None:
+            raise CommandError(E.EINVAL)
+        if not (nvl.has_number("interval") and nvl.has_number("timeout")
+                and nvl.has_number("peerid")):
+            raise CommandError(E.EINVAL)
+        peer = ifs.peers.get(nvl.get_number("peerid") & U32)
+        if peer is None:
+            raise CommandError(E.ENOENT)
+        now = self.clock()
+        peer.interval = nvl.get_number("interval") & U32
+        peer.timeout = nvl.get_number("timeout") & U32
+        if peer.interval > 0:
+            peer.next_ping = now + peer.interval
+        else:
+            peer.next_ping = None
+        if peer.timeout > 0:
+            peer.timeout_at = now + peer.timeout
+
+    def _start_vpn(self, ifs: IfState, nvl: nv.NVList | None) -> None:
+        ifs.dataplane.set_running(True)         # before the link comes up: no early drops
+        if not ifs.up:
+            self.host.set_link_up(ifs.name)
+        ifs.up = True
+
+    def _set_ifmode(self, ifs: IfState, nvl: nv.NVList | None) -> None:
+        if nvl is None:
+            raise CommandError(E.EINVAL)
+        ifmode = _number(nvl, "ifmode") & U32
+        if ifs.up or self.host.link_is_up(ifs.name):
+            raise CommandError(E.EBUSY)
+        if ifmode & ~IFF_MULTICAST & U32 not in (IFF_POINTOPOINT, IFF_BROADCAST):
+            raise CommandError(E.EINVAL)
+        ifs.flags = (ifs.flags & ~(IFF_BROADCAST | IFF_POINTOPOINT | IFF_MULTICAST)) | ifmode
+
+    _SET: dict[int, Callable[..., None]] = {
+        Command.OVPN_NEW_PEER: _new_peer,
+        Command.OVPN_DEL_PEER: _del_peer,
+        Command.OVPN_NEW_KEY: _new_key,
+        Command.OVPN_SWAP_KEYS: _swap_keys,
+        Command.OVPN_DEL_KEY: _del_key,
+        Command.OVPN_SET_PEER: _set_peer,
+        Command.OVPN_START_VPN: _start_vpn,
+        Command.OVPN_SET_IFMODE: _set_ifmode,
+    }
+    assert set(_SET) == set(SET_COMMANDS)
+
+    # -- SIOCGDRVSPEC ------------------------------------------------------
+    def handle_get(self, ifname: str, cmd: int, bufsize: int) -> tuple[int, bytes]:
+        """One GET request; returns (0, packed reply) or (errno, b"")."""
+        ifs = self.interfaces.get(ifname)
+        if ifs is None:
+            return E.ENXIO, b""
+        if cmd not in GET_COMMANDS:
+            return E.ENOTSUP, b""
+        self.sync(ifs)
+        if cmd == Command.OVPN_GET_STATS:
+            reply = self._get_stats(ifs)
+        elif cmd == Command.OVPN_GET_PEER_STATS:
+            reply = self._get_peer_stats(ifs)
+        elif cmd == Command.OVPN_POLL_PKT:
+            reply = nv.NVList([("pending", len(ifs.ring))])
+        else:
+            if not ifs.ring:
+                return E.ENOENT, b""
+            reply = self._notification_nvlist(ifs.ring.popleft())
+        packed = nv.pack(reply)
+        if len(packed) > bufsize:
+            return E.ENOSPC, b""
+        return 0, packed
+
+    def _get_stats(self, ifs: IfState) -> nv.NVList:
+        c = ifs.dataplane.iface_counters()
+        out = nv.NVList()
+        out.add("lost_ctrl", _counters(0, 0))
+        out.add("lost_data", _counters(c.lost_data_in, c.lost_data_out))
+        out.add("nomem_data", _counters(c.nomem_data_in, c.nomem_data_out))
+        out.add("data", _counters(c.data_in, c.data_out))
+        out.add("ctrl", _counters(0, 0))
+        # kernel quirk kept: "out" repeats the received counter
+        out.add("tunnel", _counters(c.tunnel_in, c.tunnel_in))
+        out.add("transport", _counters(c.transport_in, c.transport_in))
+        return out
+
+    def _get_peer_stats(self, ifs: IfState) -> nv.NVList:
+        out = nv.NVList()
+        peers = []
+        for peer_id in sorted(ifs.peers):
+            c = ifs.dataplane.peer_counters(peer_id)
+            p = nv.NVList()
+            p.add("peerid", peer_id)
+            p.add("packets", _counters(c.pkt_in, c.pkt_out))
+            p.add("bytes", _counters(c.bytes_in, c.bytes_out))
+            peers.append(p)
+        if peers:
+            out.add("peers", peers)
+        return out
+
+    @staticmethod
+    def _notification_nvlist(n: Notification) -> nv.NVList:
+        out = nv.NVList()
+        out.add("peerid", n.peer_id)
+        out.add("notification", int(n.type))
+        if n.type == NotifType.DEL_PEER:
+            c = n.counters or PeerCounters()
+            out.add("del_reason", int(n.del_reason))
+            out.add("packets", _counters(c.pkt_in, c.pkt_out))
+            out.add("bytes", _counters(c.bytes_in, c.bytes_out))
+        elif n.type == NotifType.FLOAT:
+            assert n.address is not None
+            out.add("address", sockaddr_nvlist(n.address))
+        return out
+
+    # -- time and data-plane events ----------------------------------------
+    def sync(self, ifs: IfState, now: float | None = None) -> None:
+        """Turn data-plane events into notifications and run due keepalive timers."""
+        if now is None:
+            now = self.clock()
+        for ev in ifs.dataplane.events():
+            if ev[0] == "rotate_key":
+                if ev[1] in ifs.peers:
+                    ifs.notify(Notification(NotifType.ROTATE_KEY, ev[1]))
+            elif ev[0] == "float":
+                peer = ifs.peers.get(ev[1])
+                if peer is None:
+                    continue
+                addr = sockaddr_to_kaddr(ev[2])
+                if addr == peer.remote:
+                    continue
+                if ifs.notify(Notification(NotifType.FLOAT, ev[1], address=addr)):
+                    peer.remote = addr          # only once the notification is queued
+                    ifs.dataplane.set_remote(ev[1], ev[2])
+        for peer in list(ifs.peers.values()):
+            if peer.next_ping is not None and peer.next_ping <= now:
+                if peer.interval > 0:
+                    ifs.dataplane.send_ping(peer.peer_id)
+                    # re-armed from the firing time, like callout_reset in the handler
+                    peer.next_ping = max(peer.next_ping + peer.interval, now)
+                else:
+                    peer.next_ping = None
+            if peer.timeout_at is not None and peer.timeout_at <= now:
+                last = ifs.dataplane.last_active(peer.peer_id)
+                if last + peer.timeout > now:
+                    peer.timeout_at = last + peer.timeout
+                else:
+                    self._delete_peer(ifs, peer.peer_id, DelReason.TIMEOUT)
+
+    def tick(self, now: float | None = None) -> float | None:
+        """Run :meth:`sync` on every interface; returns the next timer deadline."""
+        if now is None:
+            now = self.clock()
+        deadline: float | None = None
+        for ifs in list(self.interfaces.values()):
+            self.sync(ifs, now)
+            for peer in ifs.peers.values():
+                for t in (peer.next_ping, peer.timeout_at):
+                    if t is not None and (deadline is None or t < deadline):
+                        deadline = t
+        return deadline
+
+    def refresh_routes(self) -> None:
+        """Push the host's gateway routes through each tun to its data plane (if changed)."""
+        for ifs in self.interfaces.values():
+            try:
+                routes = self.host.gateway_routes(ifs.name)
+            except OSError:
+                continue
+            if routes != ifs.routes:
+                ifs.routes = routes
+                ifs.dataplane.set_routes(routes)

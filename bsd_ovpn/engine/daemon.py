@@ -1,0 +1,294 @@
+"""The engine daemon: the if_ovpn command set served over a UNIX socket.
+
+One process serves any number of interfaces.  Clients (``EngineTransport``)
+connect to a SOCK_SEQPACKET socket — message boundaries for free, and
+SCM_RIGHTS to pass NEW_PEER's UDP socket, the way the kernel resolves the
+"fd" number in the caller's table.  The socket file is 0600 root (or 0660
+with ``--group``): file permissions are this engine's PRIV_NET_OVPN.
+
+One selectors loop handles requests and the keepalive/notification timers
+(:meth:`Engine.tick`); each interface's data plane moves packets on its own
+thread(s).  SIGTERM/SIGINT destroy every interface (deleting its peers) and
+remove the socket file.
+
+Wire format (all integers big-endian):
+
+* request: ``"OVE1"``, op u8, 3 pad, ifname[16], name2[16], command u64,
+  bufsize u64, then the packed nvlist (SET) — ops: 1 set, 2 get, 3 create
+  (ifname = requested name), 4 destroy, 5 rename (name2 = new name), 6 list;
+* reply: ``"OVE1"``, errno u32, then the GET reply / created name / the
+  NUL-separated interface list.
+"""
+from __future__ import annotations
+
+import array
+import errno as E
+import grp
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+from typing import Callable
+
+from bsd_ovpn.engine import steering, tun as tunmod
+from bsd_ovpn.engine.commands import Engine, KAddr, SocketInfo, inspect_socket
+from bsd_ovpn.engine.dataplane import DataPlane, PythonDataPlane
+
+log = logging.getLogger("bsd_ovpn.engine")
+
+MAGIC = b"OVE1"
+REQ = struct.Struct("!4sB3x16s16sQQ")
+REP = struct.Struct("!4sI")
+OP_SET, OP_GET, OP_CREATE, OP_DESTROY, OP_RENAME, OP_LIST = range(1, 7)
+MAX_DATA = 65536                 # larger SET requests are answered E2BIG
+SOCK_BUF = 8 << 20               # replies to GET_PEER_STATS can be large
+ROUTE_REFRESH = 1.0
+
+
+class LinuxHost:
+    """The engine's :class:`~bsd_ovpn.engine.commands.Host` on Linux."""
+
+    def __init__(self, dataplane_factory: Callable[[], DataPlane] | None = None) -> None:
+        self._factory = dataplane_factory or PythonDataPlane
+        self.tuns: dict[str, tunmod.LinuxTun | tunmod.FreeBSDTun] = {}
+        # name -> (control socket kept alive like the kernel's soref, engine socket)
+        self.sockets: dict[str, tuple[socket.socket, socket.socket]] = {}
+
+    def inspect_socket(self, fd: int) -> SocketInfo:
+        return inspect_socket(fd)
+
+    def select_source(self, remote: KAddr) -> bytes:
+        """in6_selectsrc_addr: the source the routing table picks for ``remote``."""
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            s.connect((socket.inet_ntop(socket.AF_INET6, remote[1]), remote[2] or 9, 0,
+                       remote[3]))
+            return socket.inet_pton(socket.AF_INET6, s.getsockname()[0].split("%")[0])
+        finally:
+            s.close()
+
+    def create_link(self, name: str) -> str:
+        t = tunmod.open_tun(name)
+        self.tuns[t.name] = t
+        return t.name
+
+    def destroy_link(self, name: str) -> None:
+        t = self.tuns.pop(name, None)
+        if t is not None:
+            t.close()
+
+    def rename_link(self, name: str, new_name: str) -> None:
+        t = self.tuns[name]
+        t.rename(new_name)
+        self.tuns[new_name] = self.tuns.pop(name)
+        if name in self.sockets:
+            self.sockets[new_name] = self.sockets.pop(name)
+
+    def set_link_up(self, name: str) -> None:
+        self.tuns[name].set_up()
+
+    def link_is_up(self, name: str) -> bool:
+        return tunmod.link_is_up(name)
+
+    def link_exists(self, name: str) -> bool:
+        return tunmod.link_exists(name)
+
+    def make_dataplane(self, name: str) -> DataPlane:
+        dp = self._factory()
+        if isinstance(dp, PythonDataPlane):
+            dp.tun_header = self.tuns[name].header
+        return dp
+
+    def hook_socket(self, name: str, fd: int, dataplane: DataPlane) -> None:
+        """Join the control socket's port and start the data plane on it.
+
+        The all-to-control program goes onto the *control* socket first, so
+        the group has its program before the engine socket joins: no
+        datagram is hashed to the engine in between.
+        """
+        control = socket.socket(fileno=os.dup(fd))
+        try:
+            steering.attach_program(control, steering.steering_program([]))
+            engine = steering.open_engine_socket(control)
+        except steering.SteeringError as exc:
+            control.close()
+            raise OSError(E.EINVAL, str(exc)) from exc
+        except OSError:
+            control.close()
+            raise
+        self.sockets[name] = (control, engine)
+        dataplane.attach(engine.fileno(), self.tuns[name].fd)
+
+    def unhook_socket(self, name: str, dataplane: DataPlane) -> None:
+        dataplane.detach()
+        pair = self.sockets.pop(name, None)
+        if pair is None:
+            return
+        control, engine = pair
+        engine.close()
+        try:
+            control.setsockopt(socket.SOL_SOCKET, steering.SO_DETACH_REUSEPORT_BPF, 0)
+        except OSError:
+            pass
+        control.close()
+
+    def set_steering(self, name: str, peer_ids: list[int]) -> None:
+        pair = self.sockets.get(name)
+        if pair is not None:
+            steering.attach_program(pair[1], steering.steering_program(peer_ids))
+
+    def gateway_routes(self, name: str) -> list:
+        return tunmod.gateway_routes(name)
+
+    def close(self) -> None:
+        for name in list(self.tuns):
+            self.destroy_link(name)
+
+
+class EngineDaemon:
+    """Accepts clients and runs their requests against one :class:`Engine`."""
+
+    def __init__(self, socket_path: str, *, group: str | None = None,
+                 engine: Engine | None = None) -> None:
+        self.path = socket_path
+        self.engine = engine or Engine(LinuxHost())
+        self.sel = selectors.DefaultSelector()
+        self._stop = False
+        gid = grp.getgrnam(group).gr_gid if group else None
+        if os.path.exists(socket_path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(socket_path)
+            except OSError:
+                os.unlink(socket_path)          # stale file of a dead daemon
+            else:
+                probe.close()
+                raise RuntimeError(f"an engine is already running at {socket_path}")
+            finally:
+                probe.close()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(socket_path)
+        finally:
+            os.umask(old)
+        if gid is not None:
+            os.chown(socket_path, 0, gid)
+            os.chmod(socket_path, 0o660)
+        else:
+            os.chmod(socket_path, 0o600)
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+
+    def stop(self, *_args: object) -> None:
+        self._stop = True
+
+    def serve_forever(self) -> None:
+        last_routes = 0.0
+        try:
+            while not self._stop:
+                deadline = self.engine.tick()
+                now = time.monotonic()
+                wait = 0.25 if deadline is None else min(0.25, max(0.0, deadline - now))
+                for key, _ in self.sel.select(wait):
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        self._serve(key.fileobj)
+                if now - last_routes >= ROUTE_REFRESH:
+                    last_routes = now
+                    self.engine.refresh_routes()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Destroy every interface, close clients, remove the socket file."""
+        try:
+            self.engine.close()
+        finally:
+            for key in list(self.sel.get_map().values()):
+                self.sel.unregister(key.fileobj)
+                key.fileobj.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
+        conn.setblocking(False)
+        self.sel.register(conn, selectors.EVENT_READ, "client")
+
+    def _serve(self, conn: socket.socket) -> None:
+        fds = array.array("i")
+        try:
+            msg, anc, flags, _ = conn.recvmsg(REQ.size + MAX_DATA,
+                                              socket.CMSG_SPACE(4 * fds.itemsize))
+        except BlockingIOError:
+            return
+        except OSError:
+            msg, anc, flags = b"", [], 0
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        try:
+            if not msg:
+                self.sel.unregister(conn)
+                conn.close()
+                return
+            reply = self._dispatch(msg, flags, list(fds))
+            try:
+                conn.sendmsg([reply])
+            except OSError as exc:
+                log.warning("engine: cannot reply to a client: %s", exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _dispatch(self, msg: bytes, flags: int, fds: list[int]) -> bytes:
+        if len(msg) < REQ.size:
+            return REP.pack(MAGIC, E.EINVAL)
+        magic, op, name, name2, cmd, bufsize = REQ.unpack_from(msg)
+        if magic != MAGIC:
+            return REP.pack(MAGIC, E.EINVAL)
+        ifname = name.rstrip(b"\0").decode(errors="replace")
+        data = msg[REQ.size:]
+        eng = self.engine
+        try:
+            if op == OP_SET:
+                if flags & socket.MSG_TRUNC:
+                    return REP.pack(MAGIC, E.E2BIG if ifname in eng.interfaces else E.ENXIO)
+                err = eng.handle_set(ifname, cmd, data or None, fds[0] if fds else None)
+                return REP.pack(MAGIC, err)
+            if op == OP_GET:
+                err, out = eng.handle_get(ifname, cmd, bufsize)
+                return REP.pack(MAGIC, err) + out
+            if op == OP_CREATE:
+                err, created = eng.create_interface(ifname)
+                return REP.pack(MAGIC, err) + created.encode()
+            if op == OP_DESTROY:
+                return REP.pack(MAGIC, eng.destroy_interface(ifname))
+            if op == OP_RENAME:
+                return REP.pack(MAGIC, eng.rename_interface(
+                    ifname, name2.rstrip(b"\0").decode(errors="replace")))
+            if op == OP_LIST:
+                return REP.pack(MAGIC, 0) + b"\0".join(n.encode() for n in eng.list_interfaces())
+        except Exception:                    # never let one request kill the daemon
+            log.exception("engine: request op %d on %r failed", op, ifname)
+            return REP.pack(MAGIC, E.EIO)
+        return REP.pack(MAGIC, E.EOPNOTSUPP)
+
+
+def run(socket_path: str, *, group: str | None = None) -> None:
+    daemon = EngineDaemon(socket_path, group=group)
+    signal.signal(signal.SIGTERM, daemon.stop)
+    signal.signal(signal.SIGINT, daemon.stop)
+    daemon.serve_forever()

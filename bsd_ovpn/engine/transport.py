@@ -1,0 +1,111 @@
+"""EngineTransport: the Transport protocol spoken to the userspace engine daemon.
+
+The typed API (``bsd_ovpn.interface``) sends the same packed nvlists to the
+kernel (ioctls) or to the engine (this class), so nothing above the transport
+branches on the backend.  Errors are the same ``IfOvpnError`` subclasses the
+kernel transport raises (built by :func:`bsd_ovpn.binding.errno_error`).
+The wire format is documented in :mod:`bsd_ovpn.engine.daemon`.
+"""
+from __future__ import annotations
+
+import array
+import errno as _errno
+import socket
+import threading
+
+from bsd_ovpn.binding import command_name, encode_ifname, errno_error
+from bsd_ovpn.engine.daemon import (
+    MAGIC, OP_CREATE, OP_DESTROY, OP_GET, OP_LIST, OP_RENAME, OP_SET, REP, REQ, SOCK_BUF,
+)
+from bsd_ovpn.errors import OvpnError
+from bsd_ovpn.ifovpn import Command
+from bsd_ovpn.transport import check_create_name
+
+DEFAULT_SOCKET = "/run/bsd_ovpn/engine.sock"
+_MAX_REPLY = 64 << 20
+
+
+class EngineNotRunning(OvpnError, ConnectionError):
+    """No engine daemon answers at the socket path."""
+
+
+class EngineTransport:
+    """if_ovpn over the engine daemon's UNIX socket (SCM_RIGHTS for NEW_PEER's fd)."""
+
+    def __init__(self, socket_path: str = DEFAULT_SOCKET) -> None:
+        self.path = socket_path
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._sock.connect(socket_path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self._sock.close()
+            self._sock = None
+            raise EngineNotRunning(
+                f"userspace engine not running at {socket_path} "
+                f"(start it with: python3 -m bsd_ovpn.engine --socket {socket_path})") from exc
+        except PermissionError as exc:
+            self._sock.close()
+            self._sock = None
+            raise errno_error(_errno.EPERM, "connect", f"no permission on {socket_path}") from exc
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
+
+    def _call(self, op: int, ifname: str, *, name2: str = "", command: int = 0,
+              bufsize: int = 0, data: bytes = b"", fd: int | None = None,
+              what: str = "") -> bytes:
+        if self._sock is None:
+            raise ValueError("EngineTransport is closed")
+        msg = REQ.pack(MAGIC, op, encode_ifname(ifname) if ifname else b"",
+                       encode_ifname(name2) if name2 else b"", command, bufsize) + data
+        anc = []
+        if fd is not None:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [int(fd)]).tobytes())]
+        with self._lock:
+            try:
+                self._sock.sendmsg([msg], anc)
+                reply = self._sock.recv(_MAX_REPLY)
+            except OSError as exc:
+                raise EngineNotRunning(f"userspace engine at {self.path} went away: "
+                                       f"{exc.strerror}") from exc
+        if not reply:
+            raise EngineNotRunning(f"userspace engine at {self.path} closed the connection")
+        if len(reply) < REP.size:
+            raise EngineNotRunning(f"malformed reply from the engine at {self.path}")
+        magic, err = REP.unpack_from(reply)
+        if magic != MAGIC:
+            raise EngineNotRunning(f"the socket {self.path} is not a bsd_ovpn engine")
+        if err:
+            raise errno_error(err, what or command_name(command), None, ifname or None)
+        return reply[REP.size:]
+
+    def request(self, ifname: str, command: Command, data: bytes | None, *,
+                fd: int | None = None) -> None:
+        self._call(OP_SET, ifname, command=int(command), data=data or b"", fd=fd)
+
+    def query(self, ifname: str, command: Command, bufsize: int) -> bytes:
+        return self._call(OP_GET, ifname, command=int(command), bufsize=bufsize)
+
+    def create_interface(self, name: str = "ovpn") -> str:
+        check_create_name(name)
+        return self._call(OP_CREATE, name, what="SIOCIFCREATE2").decode()
+
+    def destroy_interface(self, name: str) -> None:
+        self._call(OP_DESTROY, name, what="SIOCIFDESTROY")
+
+    def rename_interface(self, name: str, new_name: str) -> None:
+        self._call(OP_RENAME, name, name2=new_name, what="SIOCSIFNAME")
+
+    def list_interfaces(self) -> list[str]:
+        out = self._call(OP_LIST, "", what="list")
+        return [n.decode() for n in out.split(b"\0") if n]
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> EngineTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

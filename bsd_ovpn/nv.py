@@ -1,0 +1,999 @@
+"""FreeBSD libnv packed nvlists (``nvlist_pack`` / ``nvlist_unpack``) in pure Python.
+
+Why this exists: every if_ovpn(4) command and reply is a packed nvlist, and the
+userspace engine speaks the same nvlists on Linux.  The bytes must be exactly
+what FreeBSD's libnv writes, and anything a kernel, engine or peer sends must
+be checked as strictly as libnv checks it (the kernel turns any unpack failure
+into EINVAL).  Reference: ``shared/spec/nvlist.md``; golden vectors from real
+libnv in ``shared/vectors/nvlist/``.
+
+Wire format in brief (all integers in the packing host's byte order)::
+
+    nvlist := HEADER pair*                       HEADER  = 19 bytes (magic 0x6c, version,
+    pair   := PAIRHDR name\\0 value                          flags, ndescriptors, size)
+    NVLIST value       := HEADER pair* UP        PAIRHDR = 19 bytes (type, namesize,
+    NVLIST_ARRAY value := (HEADER pair* NEXT)*n              datasize, nitems)
+
+Two surprises drive the structure of ``pack``: a header's ``nvlh_size`` counts
+the bytes to the end of the *whole buffer*, and its ``nvlh_descriptors`` counts
+the descriptors in that list *and everything after it in the stream*.  Both
+are only known at the end, so ``pack`` writes placeholders and patches them.
+
+Python values and libnv types:
+
+=====================  ==========================================================
+Python                 libnv type
+=====================  ==========================================================
+``None``               NULL
+``bool``               BOOL (checked before ``int``: ``bool`` is an ``int``)
+``int``                NUMBER, unsigned 64-bit
+``str``                STRING; text is UTF-8 with ``surrogateescape``, so any
+                       byte string from the wire round-trips
+``bytes``/bytearray    BINARY (never empty: libnv refuses size 0)
+``Mapping``/NVList     NVLIST (an ``NVList`` child keeps its own flags)
+``Descriptor``         DESCRIPTOR (an index into the SCM_RIGHTS fd array)
+non-empty ``list``     BOOL/NUMBER/STRING/NVLIST/DESCRIPTOR_ARRAY after its items
+=====================  ==========================================================
+
+Guarantees of ``unpack``: every malformed input raises ``NVError`` (offset +
+reason) and nothing else; it never recurses (nesting depth is bounded only by
+the input length, as in libnv), and no size field is trusted before it has
+been checked against the bytes actually present, so a lying size cannot cause
+a large allocation.  ``pack`` is iterative too, so anything ``unpack`` returns
+can be packed again.
+
+Round trip: ``pack(unpack(b), byteorder=<its .byteorder>) == b`` for every
+blob that libnv's ``nvlist_pack``/``nvlist_send`` can produce.  The blobs in
+the vectors' ``tolerated/`` folder are accepted with exactly libnv's result,
+but they are not canonical and so they do NOT re-pack to the same bytes:
+libnv's own unpack -> pack does the same normalisation.  Precisely:
+
+* a nonzero ``nvlh_version`` byte is ignored on input; pack writes 0;
+* a stream that ends inside a nested list (missing UP/NEXT markers) is
+  accepted; pack writes the markers;
+* marker pairs with a name or a nonzero datasize are accepted (the datasize
+  is bounds-checked, not consumed); pack writes unnamed, empty markers;
+* an NVLIST pair's datasize is only checked to be nonzero and in bounds,
+  an NVLIST_ARRAY pair's datasize only to be in bounds, and the nitems of
+  non-array pairs is not looked at; pack writes the true values;
+* BOOL_ARRAY bytes other than 0/1 read as True; pack writes 1;
+* a NEXT marker inside a plain nested list acts like UP, and UP inside an
+  array element leaves the whole array (remaining elements stay empty), as
+  libnv's unpack loop does;
+* the ``nvlh_descriptors`` of nested headers are only checked against
+  ``nfds``, and a blob whose headers disagree in byte order is decoded the
+  way libnv decodes it (pairs follow the top header and each array-element
+  header; nested NVLIST headers do not change it) but packs in one order.
+
+Deliberate difference from C libnv: array sizes are compared with exact
+integers, so ``datasize == 8 * nitems`` cannot be satisfied by a 64-bit
+overflow.
+
+Descriptors: ``nvlist_pack`` refuses them; ``pack`` writes what
+``nvlist_send`` writes (the indexes held by each ``Descriptor``, with the
+``nvlh_descriptors`` counts).  Use ``allow_descriptors=False`` toward the
+kernel: if_ovpn's libnv has no descriptor case and would panic on one.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+import sys
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, \
+    MutableMapping, ValuesView
+from dataclasses import dataclass
+from typing import Any
+
+from bsd_ovpn.errors import OvpnError
+
+__all__ = [
+    "NV_FLAG_IGNORE_CASE", "NV_FLAG_NO_UNIQUE", "NV_NAME_MAX", "HEADER_SIZE",
+    "NVType", "NVError", "NVFieldError", "Descriptor", "NVList",
+    "nvtype_of", "pack", "unpack",
+]
+
+NV_FLAG_IGNORE_CASE = 0x01
+NV_FLAG_NO_UNIQUE = 0x02
+NV_FLAG_PUBLIC_MASK = 0x03
+NV_FLAG_BIG_ENDIAN = 0x80       # private: set in every header by a big-endian packer
+NV_FLAG_ALL_MASK = 0x83         # any other header flag bit is rejected
+NV_NAME_MAX = 2048              # namesize limit, NUL included: names are <= 2047 bytes
+NVLIST_HEADER_MAGIC = 0x6C      # 'l'
+HEADER_SIZE = 19                # both struct nvlist_header and struct nvpair_header
+
+U64_MAX = 2**64 - 1
+_I64_MAX = 2**63 - 1
+
+
+class NVType(enum.IntEnum):
+    """libnv's type ids (``sys/sys/nv.h``; the two markers from ``nv_impl.h``)."""
+
+    NONE = 0
+    NULL = 1
+    BOOL = 2
+    NUMBER = 3
+    STRING = 4
+    NVLIST = 5
+    DESCRIPTOR = 6
+    BINARY = 7
+    BOOL_ARRAY = 8
+    NUMBER_ARRAY = 9
+    STRING_ARRAY = 10
+    NVLIST_ARRAY = 11
+    DESCRIPTOR_ARRAY = 12
+    NVLIST_ARRAY_NEXT = 254
+    NVLIST_UP = 255
+
+    @property
+    def label(self) -> str:
+        """The name used in messages: ``number``, ``nvlist_array``..."""
+        return self.name.lower()
+
+
+# Plain ints for the hot paths (IntEnum comparisons are slower).
+_NULL, _BOOL, _NUMBER, _STRING, _NVLIST, _DESCRIPTOR, _BINARY = 1, 2, 3, 4, 5, 6, 7
+_BOOL_ARRAY, _NUMBER_ARRAY, _STRING_ARRAY, _NVLIST_ARRAY, _DESCRIPTOR_ARRAY = 8, 9, 10, 11, 12
+_NEXT, _UP = 254, 255
+
+
+class NVError(OvpnError, ValueError):
+    """A packed nvlist is malformed, or a value cannot be packed.
+
+    ``offset`` is the byte offset in the packed buffer where the problem was
+    found (``None`` for pack errors, which name the pair instead) and
+    ``reason`` says what is wrong in words.
+    """
+
+    def __init__(self, reason: str, offset: int | None = None) -> None:
+        self.reason = reason
+        self.offset = offset
+        if offset is None:
+            super().__init__(reason)
+        else:
+            super().__init__(f"invalid packed nvlist at offset {offset}: {reason}")
+
+
+class NVFieldError(NVError):
+    """A field a consumer requires is missing, of another type, or out of range.
+
+    Raised by the ``NVList.get_*`` accessors, which validate what a kernel,
+    engine or peer sent.  Messages never include binary contents (keys travel
+    as BINARY), only sizes.
+    """
+
+    def __init__(self, name: str, expected: str, found: str) -> None:
+        self.name = name
+        self.expected = expected
+        self.found = found
+        super().__init__(f"field {name!r}: expected {expected}, found {found}")
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A DESCRIPTOR value: the index of a file descriptor in the fd array.
+
+    The fds themselves travel beside the packed bytes (SCM_RIGHTS), so the
+    nvlist only holds indexes.  A distinct type keeps them from being mistaken
+    for NUMBERs.  ``-1`` is what ``nvlist_send`` writes for an unset fd.
+    """
+
+    index: int
+
+    def __post_init__(self) -> None:
+        if type(self.index) is not int or not -1 <= self.index <= _I64_MAX:
+            raise NVError(f"descriptor index must be an int in [-1, 2**63-1], "
+                          f"not {self.index!r}")
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _check_name(name: object) -> str:
+    """Validate a pair name the way nvpair creation does; return it."""
+    if type(name) is not str:
+        raise NVError(f"pair names must be str, not {type(name).__name__}")
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise NVError(f"name {name!r} cannot be encoded: {exc.reason}") from None
+    if b"\0" in raw:
+        raise NVError(f"name {name!r} contains a NUL byte")
+    if len(raw) >= NV_NAME_MAX:
+        raise NVError(f"name of {len(raw)} bytes is too long (at most {NV_NAME_MAX - 1})")
+    return name
+
+
+def _check_flags(flags: object, what: str) -> int:
+    if type(flags) is not int or flags & ~NV_FLAG_PUBLIC_MASK:
+        raise NVError(f"{what} must be a combination of NV_FLAG_IGNORE_CASE and "
+                      f"NV_FLAG_NO_UNIQUE, not {flags!r}")
+    return flags
+
+
+_ARRAY_OF = {_BOOL: NVType.BOOL_ARRAY, _NUMBER: NVType.NUMBER_ARRAY,
+             _STRING: NVType.STRING_ARRAY, _NVLIST: NVType.NVLIST_ARRAY,
+             _DESCRIPTOR: NVType.DESCRIPTOR_ARRAY}
+
+
+def _scalar_type(value: object) -> NVType | None:
+    """The libnv type of a non-list value, or None when it has none."""
+    if value is None:
+        return NVType.NULL
+    if isinstance(value, bool):
+        return NVType.BOOL
+    if isinstance(value, int):
+        return NVType.NUMBER
+    if isinstance(value, str):
+        return NVType.STRING
+    if isinstance(value, (bytes, bytearray)):
+        return NVType.BINARY
+    if isinstance(value, Mapping):
+        return NVType.NVLIST
+    if isinstance(value, Descriptor):
+        return NVType.DESCRIPTOR
+    return None
+
+
+def nvtype_of(value: object) -> NVType:
+    """The libnv type ``value`` packs as; NVError if it has none.
+
+    Only the shape is checked here (lists: non-empty, one element type);
+    ranges and contents are checked by ``pack``.
+    """
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise NVError("empty lists cannot be packed: libnv arrays need at least one item")
+        first = _scalar_type(value[0])
+        array = _ARRAY_OF.get(first)  # type: ignore[arg-type]
+        if array is None:
+            raise NVError(f"lists of {type(value[0]).__name__} cannot be packed")
+        for item in value:
+            if _scalar_type(item) is not first:
+                raise NVError(f"mixed list: {first.label} and {type(item).__name__} "  # type: ignore[union-attr]
+                              f"items cannot share one array")
+        return array
+    kind = _scalar_type(value)
+    if kind is None:
+        raise NVError(f"values of type {type(value).__name__} cannot be packed")
+    return kind
+
+
+def _coerce(value: Any) -> Any:
+    """Check a value's shape and turn plain mappings into NVLists (copies).
+
+    Storing children as NVList makes ``get_nvlist`` and friends work on
+    everything inside an NVList, however it was built.
+    """
+    kind = nvtype_of(value)
+    if kind == NVType.NVLIST and not isinstance(value, NVList):
+        return NVList(value)
+    if kind == NVType.NVLIST_ARRAY:
+        return [v if isinstance(v, NVList) else NVList(v) for v in value]
+    return value
+
+
+_MISSING = object()
+
+
+class NVList(MutableMapping[str, Any]):
+    """An ordered nvlist: a list of (name, value) pairs plus its flags.
+
+    Pair order is insertion order and decides the packed bytes.  Without
+    ``NV_FLAG_NO_UNIQUE`` names are unique (``add`` of a duplicate raises);
+    with it, repeated names are kept: iteration, ``items()`` and ``len`` see
+    every pair, ``nvl[name]`` the first.  ``NV_FLAG_IGNORE_CASE`` compares
+    names ASCII-case-insensitively, like libnv's ``strcasecmp``.
+
+    ``nvl[name] = v`` replaces the value of the first pair with that name (in
+    place) or appends; ``del nvl[name]`` removes every pair with that name.
+    Plain mappings stored as values are copied into NVLists.
+
+    Comparison: two NVLists are equal when they would pack to the same bytes
+    (same flags, same pairs in the same order, same libnv types).  An NVList
+    without repeated names compares with a plain dict like a dict does.
+
+    ``byteorder`` is the byte order of the buffer an NVList was unpacked from
+    (``"little"``/``"big"``, top-level list only), else None.
+    """
+
+    __slots__ = ("_pairs", "_first", "_flags", "byteorder")
+
+    def __init__(self, pairs: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+                 *, flags: int = 0) -> None:
+        self._flags = _check_flags(flags, "NVList flags")
+        self._pairs: list[tuple[str, Any]] = []
+        self._first: dict[str, int] = {}   # lookup key -> index of the first such pair
+        self.byteorder: str | None = None
+        if pairs is None:
+            return
+        items = pairs.items() if isinstance(pairs, Mapping) else pairs
+        for item in items:
+            try:
+                name, value = item
+            except (TypeError, ValueError):
+                raise NVError(f"NVList items must be (name, value) pairs, not {item!r}") from None
+            self.add(name, value)
+
+    # -- flags and names --------------------------------------------------
+
+    @property
+    def flags(self) -> int:
+        """Public flags: NV_FLAG_IGNORE_CASE | NV_FLAG_NO_UNIQUE (read-only)."""
+        return self._flags
+
+    def _key(self, name: str) -> str:
+        return name.translate(_ASCII_LOWER) if self._flags & NV_FLAG_IGNORE_CASE else name
+
+    def _reindex(self) -> None:
+        first: dict[str, int] = {}
+        for i, (name, _) in enumerate(self._pairs):
+            first.setdefault(self._key(name), i)
+        self._first = first
+
+    # -- mapping protocol -------------------------------------------------
+
+    def add(self, name: str, value: Any) -> None:
+        """Append a pair, as ``nvlist_add_*`` does (NVError on a duplicate name)."""
+        _check_name(name)
+        value = _coerce(value)
+        key = self._key(name)
+        if key in self._first:
+            if not self._flags & NV_FLAG_NO_UNIQUE:
+                raise NVError(f"duplicate name {name!r} in an nvlist without NV_FLAG_NO_UNIQUE")
+        else:
+            self._first[key] = len(self._pairs)
+        self._pairs.append((name, value))
+
+    def __getitem__(self, name: str) -> Any:
+        if type(name) is not str:
+            raise KeyError(name)
+        return self._pairs[self._first[self._key(name)]][1]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        index = self._first.get(self._key(_check_name(name)))
+        if index is None:
+            self.add(name, value)
+        else:
+            self._pairs[index] = (self._pairs[index][0], _coerce(value))
+
+    def __delitem__(self, name: str) -> None:
+        if type(name) is not str or self._key(name) not in self._first:
+            raise KeyError(name)
+        key = self._key(name)
+        self._pairs = [p for p in self._pairs if self._key(p[0]) != key]
+        self._reindex()
+
+    def __contains__(self, name: object) -> bool:
+        return type(name) is str and self._key(name) in self._first
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def items(self) -> ItemsView[str, Any]:
+        """Every pair in order, repeated names included."""
+        return _PairsView(self)
+
+    def values(self) -> ValuesView[Any]:
+        return _ValuesView(self)
+
+    def keys(self) -> KeysView[str]:
+        return KeysView(self)
+
+    def clear(self) -> None:
+        self._pairs = []
+        self._first = {}
+
+    def get_all(self, name: str) -> list[Any]:
+        """The values of every pair called ``name`` (NO_UNIQUE lists), in order."""
+        key = self._key(name)
+        return [v for n, v in self._pairs if self._key(n) == key]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NVList):
+            return (self._flags == other._flags and len(self._pairs) == len(other._pairs)
+                    and all(a[0] == b[0] and _same_value(a[1], b[1])
+                            for a, b in zip(self._pairs, other._pairs)))
+        if isinstance(other, Mapping):
+            if len(self._first) != len(self._pairs):
+                return False
+            return dict(self._pairs) == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        flags = f", flags={self._flags}" if self._flags else ""
+        return f"NVList({self._pairs!r}{flags})"
+
+    # -- typed, checked access (what consumers of kernel/peer data use) ---
+
+    def _find(self, name: str, nvtype: int) -> Any:
+        """First value of pair (name, type), as libnv's nvlist_find; else _MISSING."""
+        key = self._key(name)
+        start = self._first.get(key)
+        if start is None:
+            return _MISSING
+        if not self._flags & NV_FLAG_NO_UNIQUE:
+            value = self._pairs[start][1]
+            return value if _kind_of(value) == nvtype else _MISSING
+        for pname, value in self._pairs[start:]:
+            if self._key(pname) == key and _kind_of(value) == nvtype:
+                return value
+        return _MISSING
+
+    def _what_is(self, name: str) -> str:
+        kinds = [_label(v) for v in self.get_all(name)]
+        if not kinds:
+            return "no pair with that name"
+        return "a pair of type " + " and ".join(kinds)
+
+    def has(self, name: str, nvtype: NVType | int | None = None) -> bool:
+        """``nvlist_exists[_type]``: is there a pair ``name`` (of type ``nvtype``)?"""
+        if nvtype is None:
+            return name in self
+        return self._find(name, int(nvtype)) is not _MISSING
+
+    def has_null(self, name: str) -> bool:
+        return self._find(name, _NULL) is not _MISSING
+
+    def has_bool(self, name: str) -> bool:
+        return self._find(name, _BOOL) is not _MISSING
+
+    def has_number(self, name: str) -> bool:
+        return self._find(name, _NUMBER) is not _MISSING
+
+    def has_string(self, name: str) -> bool:
+        return self._find(name, _STRING) is not _MISSING
+
+    def has_binary(self, name: str) -> bool:
+        return self._find(name, _BINARY) is not _MISSING
+
+    def has_nvlist(self, name: str) -> bool:
+        return self._find(name, _NVLIST) is not _MISSING
+
+    def has_nvlist_array(self, name: str) -> bool:
+        return self._find(name, _NVLIST_ARRAY) is not _MISSING
+
+    def get_typed(self, name: str, nvtype: NVType | int) -> Any:
+        """The first value of pair (name, nvtype); NVFieldError if there is none."""
+        value = self._find(name, int(nvtype))
+        if value is _MISSING:
+            raise NVFieldError(name, f"a {NVType(nvtype).label} pair", self._what_is(name))
+        return value
+
+    def get_number(self, name: str, *, lo: int = 0, hi: int = U64_MAX) -> int:
+        """A NUMBER in [lo, hi] (inclusive)."""
+        value = self.get_typed(name, _NUMBER)
+        if not lo <= value <= hi:
+            raise NVFieldError(name, f"a number in [{lo}, {hi}]", f"{int(value)}")
+        return value
+
+    def get_bool(self, name: str) -> bool:
+        return self.get_typed(name, _BOOL)
+
+    def get_string(self, name: str) -> str:
+        return self.get_typed(name, _STRING)
+
+    def get_null(self, name: str) -> None:
+        self.get_typed(name, _NULL)
+
+    def get_binary(self, name: str, *, size: int | tuple[int, ...] | None = None) -> bytes:
+        """A BINARY, optionally of exactly ``size`` bytes (or one of the sizes)."""
+        value = self.get_typed(name, _BINARY)
+        if size is not None:
+            sizes = (size,) if isinstance(size, int) else tuple(size)
+            if len(value) not in sizes:
+                wanted = " or ".join(str(s) for s in sizes)
+                raise NVFieldError(name, f"a binary of {wanted} bytes",
+                                   f"a binary of {len(value)} bytes")
+        return bytes(value)
+
+    def get_nvlist(self, name: str) -> NVList:
+        return self.get_typed(name, _NVLIST)
+
+    def get_nvlist_array(self, name: str) -> list[NVList]:
+        return self.get_typed(name, _NVLIST_ARRAY)
+
+    def get_descriptor(self, name: str) -> Descriptor:
+        return self.get_typed(name, _DESCRIPTOR)
+
+    def get_bool_array(self, name: str) -> list[bool]:
+        return self.get_typed(name, _BOOL_ARRAY)
+
+    def get_number_array(self, name: str) -> list[int]:
+        return self.get_typed(name, _NUMBER_ARRAY)
+
+    def get_string_array(self, name: str) -> list[str]:
+        return self.get_typed(name, _STRING_ARRAY)
+
+
+class _PairsView(ItemsView):  # type: ignore[type-arg]
+    """items() of an NVList: every (name, value) pair, repeats included."""
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return iter(self._mapping._pairs)  # type: ignore[attr-defined]
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._mapping._pairs  # type: ignore[attr-defined]
+
+
+class _ValuesView(ValuesView):  # type: ignore[type-arg]
+    def __iter__(self) -> Iterator[Any]:
+        return (v for _, v in self._mapping._pairs)  # type: ignore[attr-defined]
+
+
+def _kind_of(value: object) -> int:
+    """libnv type id of a stored value, or 0 when it has none (never raises)."""
+    try:
+        return int(nvtype_of(value))
+    except NVError:
+        return 0
+
+
+def _label(value: object) -> str:
+    kind = _kind_of(value)
+    return NVType(kind).label if kind else type(value).__name__
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Equality that also requires the same libnv type (True is not 1)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return _kind_of(a) == _kind_of(b) and a == b
+
+
+# ---------------------------------------------------------------------------
+# Byte-order specific structs.  nvlist header: magic u8, version u8, flags u8,
+# descriptors u64, size u64.  Pair header: type u8, namesize u16, datasize u64,
+# nitems u64.  No padding (the C structs are __packed).
+
+
+class _Order:
+    """Precompiled structs for one byte order."""
+
+    __slots__ = ("name", "big_flag", "header", "header_tail", "pair", "u64", "i64", "marker_up",
+                 "marker_next")
+
+    def __init__(self, name: str) -> None:
+        c = "<" if name == "little" else ">"
+        self.name = name
+        self.big_flag = NV_FLAG_BIG_ENDIAN if name == "big" else 0
+        self.header = struct.Struct(c + "BBBQQ")
+        self.header_tail = struct.Struct(c + "QQ")     # descriptors, size
+        self.pair = struct.Struct(c + "BHQQ")
+        self.u64 = struct.Struct(c + "Q")
+        self.i64 = struct.Struct(c + "q")
+        self.marker_up = self.pair.pack(_UP, 1, 0, 0) + b"\0"
+        self.marker_next = self.pair.pack(_NEXT, 1, 0, 0) + b"\0"
+
+    def array(self, code: str, n: int) -> struct.Struct:
+        return struct.Struct(f"{'<' if self.name == 'little' else '>'}{n}{code}")
+
+
+_LITTLE = _Order("little")
+_BIG = _Order("big")
+_HOST = _LITTLE if sys.byteorder == "little" else _BIG
+assert _LITTLE.header.size == _LITTLE.pair.size == HEADER_SIZE
+
+
+def _order(byteorder: str | None) -> _Order:
+    if byteorder is None:
+        return _HOST
+    if byteorder == "little":
+        return _LITTLE
+    if byteorder == "big":
+        return _BIG
+    raise ValueError(f"byteorder must be None, 'little' or 'big', not {byteorder!r}")
+
+
+# ---------------------------------------------------------------------------
+# pack
+
+_FAST_KIND = {int: _NUMBER, bool: _BOOL, str: _STRING, bytes: _BINARY, type(None): _NULL,
+              NVList: _NVLIST, dict: _NVLIST, Descriptor: _DESCRIPTOR, bytearray: _BINARY}
+
+# Encoded names ("name\0") of names already validated.  Kernel command names
+# are a small fixed set; the cap keeps peer-chosen names from growing it.
+_NAME_CACHE: dict[str, bytes] = {}
+_NAME_CACHE_MAX = 512
+
+
+def _encode_name(name: object) -> bytes:
+    raw = _NAME_CACHE.get(name)  # type: ignore[arg-type]
+    if raw is None:
+        raw = _check_name(name).encode("utf-8", "surrogateescape") + b"\0"
+        if len(_NAME_CACHE) < _NAME_CACHE_MAX:
+            _NAME_CACHE[name] = raw  # type: ignore[index]
+    return raw
+
+
+def _encode_str(value: str, stack: list[tuple[Any, ...]], name: str) -> bytes:
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise NVError(f"{_path(stack, name)}: string cannot be encoded: {exc.reason}") from None
+    if b"\0" in raw:
+        raise NVError(f"{_path(stack, name)}: string contains a NUL byte")
+    return raw
+
+
+def _pairs_of(nvl: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    if type(nvl) is NVList:
+        return iter(nvl._pairs)
+    return iter(nvl.items())
+
+
+def pack(nvl: Mapping[str, Any], *, byteorder: str | None = None,
+         allow_descriptors: bool = True) -> bytes:
+    """Pack ``nvl`` exactly as libnv does (``nvlist_send``'s bytes when it holds descriptors).
+
+    ``byteorder`` None means the host's order, like libnv; "little"/"big"
+    force one.  With ``allow_descriptors=False`` any DESCRIPTOR or
+    DESCRIPTOR_ARRAY raises NVError (if_ovpn panics on them).
+
+    The stream is written in one pre-order pass without recursion.  Nested
+    headers get placeholder sizes, patched at the end when the total length
+    and descriptor count are known; an NVLIST pair's datasize is patched when
+    its child is finished.
+    """
+    if not isinstance(nvl, Mapping):
+        raise TypeError(f"pack needs a Mapping or NVList, not {type(nvl).__name__}")
+    o = _order(byteorder)
+    pair_pack = o.pair.pack
+    u64_pack = o.u64.pack
+    header_pack = o.header.pack
+    big_flag = o.big_flag
+    name_cache = _NAME_CACHE
+
+    out = bytearray(header_pack(NVLIST_HEADER_MAGIC, 0, _list_flags(nvl) | big_flag, 0, 0))
+    headers = [(0, 0)]        # (offset of a header, descriptors written before it)
+    ndesc = 0
+    # One frame per open nested list: (parent's pair iterator, pair name,
+    # offset of the pair header, child's header offset, array or None, next
+    # array index, the child object).
+    stack: list[tuple[Any, ...]] = []
+    open_ids = {id(nvl)}      # lists on the current path: a cycle would never end
+    pairs = _pairs_of(nvl)
+
+    while True:
+        for name, value in pairs:
+            raw_name = name_cache.get(name) or _encode_name(name)
+            namesize = len(raw_name)
+            kind = _FAST_KIND.get(type(value)) or int(nvtype_of(value))
+
+            if kind == _NUMBER:
+                if not 0 <= value <= U64_MAX:
+                    raise NVError(f"{_path(stack, name)}: number {value} is outside [0, 2**64-1]")
+                out += pair_pack(_NUMBER, namesize, 8, 0)
+                out += raw_name
+                out += u64_pack(value)
+            elif kind == _STRING:
+                raw = _encode_str(value, stack, name)
+                out += pair_pack(_STRING, namesize, len(raw) + 1, 0)
+                out += raw_name
+                out += raw
+                out += b"\0"
+            elif kind == _BINARY:
+                if not value:
+                    raise NVError(f"{_path(stack, name)}: binary values cannot be empty "
+                                  f"(libnv rejects size 0)")
+                out += pair_pack(_BINARY, namesize, len(value), 0)
+                out += raw_name
+                out += value
+            elif kind == _BOOL:
+                out += pair_pack(_BOOL, namesize, 1, 0)
+                out += raw_name
+                out += b"\1" if value else b"\0"
+            elif kind == _NULL:
+                out += pair_pack(_NULL, namesize, 0, 0)
+                out += raw_name
+            elif kind == _NVLIST or kind == _NVLIST_ARRAY:
+                if kind == _NVLIST:
+                    array, child = None, value
+                else:
+                    array, child = value, value[0]
+                if id(child) in open_ids:
+                    raise NVError(f"{_path(stack, name)}: nvlist contains itself")
+                open_ids.add(id(child))
+                pair_offset = len(out)
+                out += pair_pack(kind, namesize, 0, len(value) if array is not None else 0)
+                out += raw_name
+                header_offset = len(out)
+                headers.append((header_offset, ndesc))
+                out += header_pack(NVLIST_HEADER_MAGIC, 0, _list_flags(child) | big_flag, 0, 0)
+                stack.append((pairs, name, pair_offset, header_offset, array, 1, child))
+                pairs = _pairs_of(child)
+                break       # descend: the while loop continues with the child's pairs
+            elif kind == _DESCRIPTOR:
+                if not allow_descriptors:
+                    raise NVError(f"{_path(stack, name)}: descriptors are not allowed here")
+                ndesc += 1
+                out += pair_pack(_DESCRIPTOR, namesize, 8, 0)
+                out += raw_name
+                out += o.i64.pack(value.index)
+            else:
+                ndesc += _pack_array(out, o, kind, raw_name, value, stack, name,
+                                     allow_descriptors)
+        else:
+            # The current list is finished: close it and resume its parent.
+            if not stack:
+                break
+            parent_pairs, name, pair_offset, header_offset, array, index, child = stack.pop()
+            open_ids.discard(id(child))
+            if array is None:
+                # NVLIST: datasize is the child's size without its UP marker.
+                o.u64.pack_into(out, pair_offset + 3, len(out) - header_offset)
+                out += o.marker_up
+                pairs = parent_pairs
+                continue
+            out += o.marker_next
+            if index == len(array):
+                pairs = parent_pairs
+                continue
+            child = array[index]
+            if id(child) in open_ids:
+                raise NVError(f"{_path(stack, name)}: nvlist contains itself")
+            open_ids.add(id(child))
+            header_offset = len(out)
+            headers.append((header_offset, ndesc))
+            out += header_pack(NVLIST_HEADER_MAGIC, 0, _list_flags(child) | big_flag, 0, 0)
+            stack.append((parent_pairs, name, pair_offset, header_offset, array, index + 1, child))
+            pairs = _pairs_of(child)
+
+    total = len(out)
+    tail_pack_into = o.header_tail.pack_into
+    for offset, desc_before in headers:
+        tail_pack_into(out, offset + 3, ndesc - desc_before, total - offset - HEADER_SIZE)
+    return bytes(out)
+
+
+def _list_flags(nvl: Mapping[str, Any]) -> int:
+    return nvl._flags if isinstance(nvl, NVList) else 0
+
+
+def _path(stack: list[tuple[Any, ...]], name: str) -> str:
+    """Dotted path of a pair for pack error messages: ``encrypt.key``."""
+    return "pair " + ".".join([repr(frame[1]) for frame in stack] + [repr(name)])
+
+
+def _pack_array(out: bytearray, o: _Order, kind: int, raw_name: bytes, value: Any,
+                stack: list[tuple[Any, ...]], name: str, allow_descriptors: bool) -> int:
+    """Append a BOOL/NUMBER/STRING/DESCRIPTOR array pair; return its descriptor count."""
+    where = _path(stack, name)
+    n = len(value)
+    namesize = len(raw_name)
+    if kind == _BOOL_ARRAY:
+        out += o.pair.pack(_BOOL_ARRAY, namesize, n, n)
+        out += raw_name
+        out += bytes(1 if v else 0 for v in value)
+        return 0
+    if kind == _NUMBER_ARRAY:
+        for v in value:
+            if not 0 <= v <= U64_MAX:
+                raise NVError(f"{where}: number {v} is outside [0, 2**64-1]")
+        out += o.pair.pack(_NUMBER_ARRAY, namesize, 8 * n, n)
+        out += raw_name
+        out += o.array("Q", n).pack(*value)
+        return 0
+    if kind == _STRING_ARRAY:
+        raw = b"".join(_encode_str(v, stack, name) + b"\0" for v in value)
+        out += o.pair.pack(_STRING_ARRAY, namesize, len(raw), n)
+        out += raw_name
+        out += raw
+        return 0
+    if kind == _DESCRIPTOR_ARRAY:
+        if not allow_descriptors:
+            raise NVError(f"{where}: descriptors are not allowed here")
+        out += o.pair.pack(_DESCRIPTOR_ARRAY, namesize, 8 * n, n)
+        out += raw_name
+        out += o.array("q", n).pack(*(d.index for d in value))
+        return n
+    raise NVError(f"{where}: cannot pack type {kind}")  # unreachable: nvtype_of covers all
+
+
+# ---------------------------------------------------------------------------
+# unpack
+
+
+def _read_header(data: bytes, pos: int, nfds: int) -> tuple[int, _Order]:
+    """Check one nvlist header at ``pos`` (libnv's nvlist_unpack_header).
+
+    Returns the list's public flags and the byte order its own 0x80 bit
+    announces.  The version byte is deliberately not checked (libnv doesn't).
+    """
+    left = len(data) - pos
+    if left < HEADER_SIZE:
+        raise NVError(f"{left} bytes left, too short for a {HEADER_SIZE}-byte nvlist header", pos)
+    magic, _version, flags = data[pos], data[pos + 1], data[pos + 2]
+    if magic != NVLIST_HEADER_MAGIC:
+        raise NVError(f"nvlist header magic is 0x{magic:02x}, not 0x6c", pos)
+    if flags & ~NV_FLAG_ALL_MASK:
+        raise NVError(f"nvlist header flags 0x{flags:02x} have bits outside 0x83", pos)
+    o = _BIG if flags & NV_FLAG_BIG_ENDIAN else _LITTLE
+    ndesc, size = o.header_tail.unpack_from(data, pos + 3)
+    if size != left - HEADER_SIZE:
+        raise NVError(f"nvlh_size is {size} but {left - HEADER_SIZE} bytes follow the header", pos)
+    if ndesc > nfds:
+        raise NVError(f"nvlh_descriptors is {ndesc} but only {nfds} descriptors were passed", pos)
+    return flags & NV_FLAG_PUBLIC_MASK, o
+
+
+def unpack(data: bytes | bytearray | memoryview, *, flags: int = 0, nfds: int = 0) -> NVList:
+    """Unpack and validate a packed nvlist like libnv's ``nvlist_unpack``/``nvlist_recv``.
+
+    ``flags`` must equal the top header's public flags (libnv: EILSEQ);
+    ``nfds`` is the number of descriptors that came with the buffer (0 for
+    ``nvlist_unpack``, so any descriptor is rejected).  Both byte orders are
+    read; the top list's ``.byteorder`` records which one the buffer used.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"unpack needs bytes, not {type(data).__name__}")
+    _check_flags(flags, "unpack flags")
+    if type(nfds) is not int or nfds < 0:
+        raise ValueError(f"nfds must be a non-negative int, not {nfds!r}")
+    data = bytes(data)
+    end = len(data)
+
+    top_flags, o = _read_header(data, 0, nfds)
+    if top_flags != flags:
+        raise NVError(f"top-level flags 0x{top_flags:x} differ from the expected flags 0x{flags:x}"
+                      f" (libnv: EILSEQ)", 0)
+    root = NVList(flags=top_flags)
+    root.byteorder = o.name
+    cur = root
+    # Open lists above ``cur``: [parent list, array elements or None, next element index].
+    stack: list[list[Any]] = []
+    pair_unpack = o.pair.unpack_from
+    pos = HEADER_SIZE
+
+    while pos < end:
+        start = pos
+        if end - pos < HEADER_SIZE:
+            raise NVError(f"{end - pos} bytes left, too short for a pair header", pos)
+        kind, namesize, datasize, nitems = pair_unpack(data, pos)
+        if not (_NULL <= kind <= _DESCRIPTOR_ARRAY or kind == _NEXT or kind == _UP):
+            raise NVError(f"pair type {kind} is not a valid type", start)
+        pos += HEADER_SIZE
+        if namesize == 0 or namesize > NV_NAME_MAX:
+            raise NVError(f"namesize {namesize} is outside [1, {NV_NAME_MAX}]", start)
+        if namesize > end - pos:
+            raise NVError(f"namesize {namesize} exceeds the {end - pos} bytes left", start)
+        if data.find(b"\0", pos, pos + namesize) != pos + namesize - 1:
+            raise NVError("pair name is not exactly NUL-terminated (namesize must be "
+                          "strlen(name)+1)", start)
+        name = data[pos:pos + namesize - 1].decode("utf-8", "surrogateescape")
+        pos += namesize
+        if datasize > end - pos:
+            raise NVError(f"datasize {datasize} exceeds the {end - pos} bytes left", start)
+
+        if kind == _NUMBER:
+            if datasize != 8:
+                raise NVError(f"{_where(kind, name)}: datasize is {datasize}, not 8", start)
+            value: Any = o.u64.unpack_from(data, pos)[0]
+        elif kind == _STRING:
+            if datasize == 0 or data.find(b"\0", pos, pos + datasize) != pos + datasize - 1:
+                raise NVError(f"{_where(kind, name)}: value is not exactly NUL-terminated", start)
+            value = data[pos:pos + datasize - 1].decode("utf-8", "surrogateescape")
+        elif kind == _BINARY:
+            if datasize == 0:
+                raise NVError(f"{_where(kind, name)}: datasize 0 (libnv rejects empty binaries)", start)
+            value = data[pos:pos + datasize]
+        elif kind == _BOOL:
+            if datasize != 1:
+                raise NVError(f"{_where(kind, name)}: datasize is {datasize}, not 1", start)
+            if data[pos] > 1:
+                raise NVError(f"{_where(kind, name)}: value byte is {data[pos]}, not 0 or 1", start)
+            value = data[pos] == 1
+        elif kind == _NULL:
+            if datasize != 0:
+                raise NVError(f"{_where(kind, name)}: datasize is {datasize}, not 0", start)
+            value = None
+        elif kind == _NVLIST:
+            # Only checked for nonzero (and in bounds above); the child's own
+            # header and markers delimit it.  The child header does not change
+            # the byte order pairs are read in.
+            if datasize == 0:
+                raise NVError(f"{_where(kind, name)}: datasize 0", start)
+            child_flags, _ = _read_header(data, pos, nfds)
+            child = NVList(flags=child_flags)
+            _append(cur, name, child, start)
+            stack.append([cur, None, 0])
+            cur = child
+            pos += HEADER_SIZE
+            continue
+        elif kind == _NVLIST_ARRAY:
+            if nitems == 0:
+                raise NVError(f"{_where(kind, name)}: nitems 0", start)
+            if HEADER_SIZE * nitems > end - pos:
+                raise NVError(f"{_where(kind, name)}: {nitems} items cannot fit in the {end - pos} bytes left",
+                              start)
+            # Like libnv, all elements exist up front; one the stream never
+            # reaches stays an empty list.
+            elements = [NVList() for _ in range(nitems)]
+            elem_flags, o = _read_header(data, pos, nfds)   # element headers set the order
+            pair_unpack = o.pair.unpack_from
+            elements[0]._flags = elem_flags
+            _append(cur, name, elements, start)
+            stack.append([cur, elements, 1])
+            cur = elements[0]
+            pos += HEADER_SIZE
+            continue
+        elif kind == _UP:
+            # Name and datasize are not checked (datasize is not consumed).
+            if not stack:
+                raise NVError("NVLIST_UP marker at the top level", start)
+            cur = stack.pop()[0]
+            continue
+        elif kind == _NEXT:
+            if not stack:
+                raise NVError("NVLIST_ARRAY_NEXT marker outside an nvlist array", start)
+            frame = stack[-1]
+            elements, index = frame[1], frame[2]
+            if elements is None or index == len(elements):
+                cur = stack.pop()[0]        # last element (or a plain nested list): go up
+                continue
+            elem_flags, o = _read_header(data, pos, nfds)
+            pair_unpack = o.pair.unpack_from
+            cur = elements[index]
+            cur._flags = elem_flags
+            frame[2] = index + 1
+            pos += HEADER_SIZE
+            continue
+        elif kind == _DESCRIPTOR:
+            if datasize != 8:
+                raise NVError(f"{_where(kind, name)}: datasize is {datasize}, not 8", start)
+            index = o.i64.unpack_from(data, pos)[0]
+            if not 0 <= index < nfds:
+                raise NVError(f"{_where(kind, name)}: descriptor index {index} is outside [0, nfds={nfds})",
+                              start)
+            value = Descriptor(index)
+        elif kind == _BOOL_ARRAY:
+            if nitems == 0 or datasize != nitems:
+                raise NVError(f"{_where(kind, name)}: nitems {nitems} and datasize {datasize} do not match",
+                              start)
+            value = [b != 0 for b in data[pos:pos + datasize]]
+        elif kind == _NUMBER_ARRAY:
+            if nitems == 0 or datasize != 8 * nitems:
+                raise NVError(f"{_where(kind, name)}: nitems {nitems} and datasize {datasize} do not match",
+                              start)
+            value = list(o.array("Q", nitems).unpack_from(data, pos))
+        elif kind == _STRING_ARRAY:
+            raw = data[pos:pos + datasize]
+            if nitems == 0 or datasize == 0 or raw[-1] != 0 or raw.count(0) != nitems:
+                raise NVError(f"{_where(kind, name)}: datasize {datasize} does not hold exactly {nitems} "
+                              f"NUL-terminated strings", start)
+            value = [s.decode("utf-8", "surrogateescape") for s in raw[:-1].split(b"\0")]
+        else:  # _DESCRIPTOR_ARRAY
+            if nitems == 0 or datasize != 8 * nitems:
+                raise NVError(f"{_where(kind, name)}: nitems {nitems} and datasize {datasize} do not match",
+                              start)
+            indexes = o.array("q", nitems).unpack_from(data, pos)
+            for index in indexes:
+                if not 0 <= index < nfds:
+                    raise NVError(f"{_where(kind, name)}: descriptor index {index} is outside "
+                                  f"[0, nfds={nfds})", start)
+            value = [Descriptor(i) for i in indexes]
+
+        _append(cur, name, value, start)
+        pos += datasize
+    return root
+
+
+def _where(kind: int, name: str) -> str:
+    return f"{NVType(kind).label} pair {name!r}"
+
+
+def _append(nvl: NVList, name: str, value: Any, offset: int) -> None:
+    """Add an unpacked pair, enforcing uniqueness as nvlist_move_nvpair does."""
+    key = name.translate(_ASCII_LOWER) if nvl._flags & NV_FLAG_IGNORE_CASE else name
+    if key in nvl._first:
+        if not nvl._flags & NV_FLAG_NO_UNIQUE:
+            raise NVError(f"duplicate name {name!r} (libnv: EEXIST)", offset)
+    else:
+        nvl._first[key] = len(nvl._pairs)
+    nvl._pairs.append((name, value))

@@ -1,0 +1,321 @@
+"""The server's control-channel demultiplexer, sans-IO (spec §6.2, §6.3, §15.1).
+
+One UDP socket serves every client.  :class:`ServerEndpoint` routes each
+control datagram to the :class:`~bsd_ovpn.proto.session.Session` of its
+source address, and -- like a stock 2.6 UDP server -- keeps **no state at
+all** for an address until it proves it can receive our packets: a client
+reset is answered with a reset whose session id is an HMAC cookie
+(:class:`~bsd_ovpn.proto.cookie.CookieJar`), and only a later packet that
+acknowledges that reset with a valid cookie creates a session.  Spoofed
+resets therefore cost one HMAC and one reply, never memory.
+
+Driving is the aioquic shape with addresses: ``receive_datagram(data, addr,
+now)``, ``datagrams_to_send(now) -> [(bytes, addr)]``, ``get_timer()``,
+``handle_timer(now)``, ``next_event() -> ClientEvent | None``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bsd_ovpn.errors import LocalProtocolError, OvpnError, RemoteProtocolError
+from bsd_ovpn.proto import events as ev
+from bsd_ovpn.proto.cookie import CookieJar
+from bsd_ovpn.proto.packet import (
+    EARLY_NEG_FLAG_RESEND_WKC, TLV_EARLY_NEG_FLAGS, ControlPacket, Opcode, PacketError,
+    encode_tlvs, peek,
+)
+from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.proto.wrap import TLSCryptV2Server, early_negotiation_marker
+
+log = logging.getLogger(__name__)
+
+Addr = Any   # a socket address tuple as the I/O layer gives it
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """A session event tagged with the client it belongs to."""
+
+    peer_id: int
+    addr: Addr
+    event: ev.Event
+
+
+@dataclass
+class ServerSettings:
+    """Endpoint-wide settings; ``session`` is the per-client session template.
+
+    ``pool`` (``server NET MASK``) makes the endpoint push ``route-gateway``,
+    ``topology subnet`` and a per-client ``ifconfig`` (NET+2+peer_id); leave
+    it None when the daemon pushes addresses through ``session.client_push``.
+    """
+
+    session: SessionSettings
+    max_clients: int = 1024
+    pool: ipaddress.IPv4Network | None = None
+    force_cookie: bool = False
+
+
+@dataclass
+class _Client:
+    addr: Addr
+    peer_id: int
+    session: Session
+    metadata: bytes | None = None
+    events: deque[ev.Event] = field(default_factory=deque)
+
+
+class ServerEndpoint:
+    """All clients of one server socket.
+
+    ``wrap_factory`` returns a fresh per-session :class:`ControlWrap`
+    (NoWrap / TLSAuth / TLSCrypt) or is None when only tls-crypt-v2 is
+    configured; ``tls_crypt_v2`` holds the v2 server key if any.
+    """
+
+    def __init__(self, settings: ServerSettings, *,
+                 wrap_factory: Callable[[], Any] | None,
+                 tls_crypt_v2: TLSCryptV2Server | None = None,
+                 cookie_jar: CookieJar | None = None) -> None:
+        if not settings.session.server:
+            raise LocalProtocolError("ServerEndpoint needs server-role session settings")
+        if wrap_factory is None and tls_crypt_v2 is None:
+            raise LocalProtocolError("ServerEndpoint needs a wrap factory or a tls-crypt-v2 key")
+        self.settings = settings
+        self.wrap_factory = wrap_factory
+        self.tls_crypt_v2 = tls_crypt_v2
+        self.cookies = cookie_jar or CookieJar(None, max(1, int(settings.session.hand_window)))
+        self._clients: dict[Addr, _Client] = {}
+        self._by_peer_id: dict[int, _Client] = {}
+        self._stateless_out: list[tuple[bytes, Addr]] = []
+        self._events: deque[ClientEvent] = deque()
+        self.dropped = 0
+        self.last_error: str | None = None
+        self.cookie_resets_sent = 0
+        if settings.pool is not None and settings.session.client_push is None:
+            settings.session.client_push = self._pool_push
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def session_for(self, addr: Addr) -> Session | None:
+        c = self._clients.get(addr)
+        return c.session if c else None
+
+    def session_by_peer_id(self, peer_id: int) -> Session | None:
+        c = self._by_peer_id.get(peer_id)
+        return c.session if c else None
+
+    def clients(self) -> list[tuple[int, Addr, Session]]:
+        return [(c.peer_id, c.addr, c.session) for c in self._clients.values()]
+
+    # ------------------------------------------------------------------ driving
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> bool:
+        """Handle one datagram; False if it was dropped or is a data packet."""
+        data = bytes(data)
+        try:
+            opcode, key_id = peek(data)
+        except PacketError as exc:
+            return self._drop(str(exc))
+        if opcode in (Opcode.P_DATA_V1, Opcode.P_DATA_V2):
+            return False            # data channel: kernel / engine business
+        client = self._clients.get(addr)
+        if client is not None:
+            if self._is_new_attempt(client, data, opcode):
+                return self._stateless(data, addr, opcode, key_id, now, replaces=client)
+            ok = client.session.receive_datagram(data, now)
+            if not ok:
+                self.dropped += 1
+                self.last_error = client.session.last_error
+            self._collect(client)
+            return ok
+        return self._stateless(data, addr, opcode, key_id, now, replaces=None)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        out = self._stateless_out
+        self._stateless_out = []
+        for c in list(self._clients.values()):
+            out.extend((d, c.addr) for d in c.session.datagrams_to_send(now))
+            self._collect(c)
+        return out
+
+    def get_timer(self) -> float | None:
+        times = [t for c in self._clients.values() if (t := c.session.get_timer()) is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        for c in list(self._clients.values()):
+            c.session.handle_timer(now)
+            self._collect(c)
+
+    def next_event(self) -> ClientEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def disconnect(self, peer_id: int, now: float, *, restart: bool = False) -> None:
+        """Say goodbye to one client (RESTART or EXIT if negotiated) and end its session."""
+        c = self._by_peer_id.get(peer_id)
+        if c is None:
+            raise LocalProtocolError(f"no client with peer_id {peer_id}")
+        s = c.session
+        if restart and s.primary is not None and s.primary.tls is not None \
+                and s.primary.tls.handshake_complete:
+            s.send_control_message("RESTART")
+        s.close(now)
+        self._collect(c)
+
+    # ------------------------------------------------------------------ stateless part
+    def _is_new_attempt(self, client: _Client, data: bytes, opcode: int) -> bool:
+        """A packet from a known address that belongs to a different (new) session."""
+        if len(data) < 9:
+            return False
+        sid = data[1:9]
+        return client.session.remote_sid is not None and sid != client.session.remote_sid
+
+    def _stateless(self, data: bytes, addr: Addr, opcode: int, key_id: int, now: float, *,
+                   replaces: _Client | None) -> bool:
+        try:
+            if opcode in (Opcode.P_CONTROL_HARD_RESET_CLIENT_V2,
+                          Opcode.P_CONTROL_HARD_RESET_CLIENT_V3):
+                return self._client_reset(data, addr, opcode, now, replaces)
+            if opcode in (Opcode.P_CONTROL_V1, Opcode.P_ACK_V1, Opcode.P_CONTROL_WKC_V1) \
+                    and key_id == 0:
+                return self._cookie_packet(data, addr, opcode, now, replaces)
+        except (RemoteProtocolError, OvpnError, ValueError) as exc:
+            return self._drop(f"from {addr}: {exc}")
+        return self._drop(f"from {addr}: opcode {opcode} key_id {key_id} without a session")
+
+    def _client_reset(self, data: bytes, addr: Addr, opcode: int, now: float,
+                      replaces: _Client | None) -> bool:
+        early_neg = False
+        v2_wrap = None
+        if opcode == Opcode.P_CONTROL_HARD_RESET_CLIENT_V3:
+            if self.tls_crypt_v2 is None:
+                return self._drop(f"from {addr}: tls-crypt-v2 reset but no tls-crypt-v2 key")
+            plain, v2_wrap, _meta = self.tls_crypt_v2.unwrap_client(data, now)
+            early_neg = early_negotiation_marker(data)
+        else:
+            if self.wrap_factory is None:
+                return self._drop(f"from {addr}: reset not wrapped with tls-crypt-v2")
+            plain = self.wrap_factory().unwrap_stateless(data, now)
+        pkt = ControlPacket.decode(plain)
+        if pkt.message_id != 0:
+            return self._drop(f"from {addr}: client reset with message id {pkt.message_id}")
+        if opcode == Opcode.P_CONTROL_HARD_RESET_CLIENT_V3 and not early_neg:
+            if self.settings.force_cookie:
+                return self._drop(f"from {addr}: tls-crypt-v2 reset without early negotiation "
+                                  "(force-cookie)")
+            # a client that cannot resend its WKc: keep state now (spec §6.3)
+            return self._create_stateful(pkt, addr, v2_wrap, now, replaces)
+        cookie = self.cookies.make(now, addr, pkt.session_id)
+        payload = b""
+        if early_neg:
+            payload = encode_tlvs([(TLV_EARLY_NEG_FLAGS,
+                                    EARLY_NEG_FLAG_RESEND_WKC.to_bytes(2, "big"))])
+        reply = ControlPacket(Opcode.P_CONTROL_HARD_RESET_SERVER_V2, 0, cookie, (0,),
+                              pkt.session_id, 0, payload)
+        wrap = v2_wrap if v2_wrap is not None else self.wrap_factory()
+        wrap.send_packet_id = 0
+        self._stateless_out.append((wrap.wrap(reply.encode(), now), addr))
+        self.cookie_resets_sent += 1
+        return True
+
+    def _cookie_packet(self, data: bytes, addr: Addr, opcode: int, now: float,
+                       replaces: _Client | None) -> bool:
+        metadata = None
+        if opcode == Opcode.P_CONTROL_WKC_V1:
+            if self.tls_crypt_v2 is None:
+                return self._drop(f"from {addr}: WKC_V1 but no tls-crypt-v2 key")
+            plain, wrap, metadata = self.tls_crypt_v2.unwrap_client(data, now)
+        else:
+            if self.wrap_factory is None:
+                return self._drop(f"from {addr}: packet not wrapped with tls-crypt-v2")
+            wrap = self.wrap_factory()
+            plain = wrap.unwrap(data, now)
+        pkt = ControlPacket.decode(plain)
+        if not pkt.acks or any(a > 1 for a in pkt.acks):
+            return self._drop(f"from {addr}: {pkt.opcode.name} without a session and without "
+                              "an ACK of our reset")
+        if pkt.message_id is not None and pkt.message_id > 1:
+            return self._drop(f"from {addr}: message id {pkt.message_id} without a session")
+        assert pkt.remote_session_id is not None
+        if not self.cookies.check(now, addr, pkt.session_id, pkt.remote_session_id):
+            return self._drop(f"from {addr}: invalid or expired HMAC cookie")
+        if replaces is not None:
+            self._remove(replaces, "replaced by a new session from the same address")
+        peer_id = self._allocate_peer_id()
+        if peer_id is None:
+            return self._drop(f"from {addr}: max-clients {self.settings.max_clients} reached")
+        wrap.send_packet_id = 1           # our stateless reset used replay packet-id 1
+        session = Session.accept_cookie(self.settings.session, wrap, now,
+                                        cookie=pkt.remote_session_id,
+                                        client_sid=pkt.session_id, peer_id=peer_id)
+        client = _Client(addr, peer_id, session, metadata)
+        self._add(client)
+        ok = session.receive_packet(pkt, now)
+        self._collect(client)
+        return ok
+
+    def _create_stateful(self, pkt: ControlPacket, addr: Addr, wrap: Any, now: float,
+                         replaces: _Client | None) -> bool:
+        if replaces is not None:
+            self._remove(replaces, "replaced by a new session from the same address")
+        peer_id = self._allocate_peer_id()
+        if peer_id is None:
+            return self._drop(f"from {addr}: max-clients {self.settings.max_clients} reached")
+        session = Session.accept_reset(self.settings.session, wrap, now,
+                                       client_sid=pkt.session_id, peer_id=peer_id)
+        client = _Client(addr, peer_id, session, getattr(wrap, "metadata", None))
+        self._add(client)
+        ok = session.receive_packet(pkt, now)
+        self._collect(client)
+        return ok
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _allocate_peer_id(self) -> int | None:
+        if len(self._clients) >= self.settings.max_clients:
+            return None
+        for pid in range(self.settings.max_clients):
+            if pid not in self._by_peer_id:
+                return pid
+        return None
+
+    def _add(self, client: _Client) -> None:
+        self._clients[client.addr] = client
+        self._by_peer_id[client.peer_id] = client
+
+    def _remove(self, client: _Client, why: str) -> None:
+        if client.session.terminated is None:
+            client.session._terminate("replaced", why)   # noqa: SLF001 - same package
+        self._collect(client, remove=False)
+        self._clients.pop(client.addr, None)
+        self._by_peer_id.pop(client.peer_id, None)
+
+    def _collect(self, client: _Client, *, remove: bool = True) -> None:
+        s = client.session
+        while (e := s.next_event()) is not None:
+            self._events.append(ClientEvent(client.peer_id, client.addr, e))
+        if remove and s.terminated is not None and self._clients.get(client.addr) is client:
+            # keep nothing of a finished client (hand-window expiry included)
+            self._clients.pop(client.addr, None)
+            self._by_peer_id.pop(client.peer_id, None)
+
+    def _drop(self, why: str) -> bool:
+        self.dropped += 1
+        self.last_error = why
+        log.debug("dropped: %s", why)
+        return False
+
+    def _pool_push(self, session: Session) -> list[str]:
+        pool = self.settings.pool
+        assert pool is not None
+        gw = pool.network_address + 1
+        ip = pool.network_address + 2 + (session.peer_id or 0)
+        if ip not in pool or ip == pool.broadcast_address:
+            raise LocalProtocolError(f"address pool {pool} exhausted for peer_id {session.peer_id}")
+        return [f"route-gateway {gw}", "topology subnet", f"ifconfig {ip} {pool.netmask}"]

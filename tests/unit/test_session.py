@@ -1,0 +1,406 @@
+"""Client Session + ServerEndpoint wired in memory: handshake, loss, rekeying, cookies.
+
+Every datagram goes through a little "network" function so tests can drop,
+duplicate or reorder packets by plain function calls, with a fake clock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Callable
+
+import pytest
+
+from bsd_ovpn.ifovpn import KeySlot
+from bsd_ovpn.proto import events as ev
+from bsd_ovpn.proto.cookie import CookieJar
+from bsd_ovpn.proto.datachannel import DataChannel
+from bsd_ovpn.proto.keyfile import StaticKey, TLSCryptV2ClientKey, TLSCryptV2ServerKey, wrap_client_key
+from bsd_ovpn.proto.packet import ControlPacket, Opcode
+from bsd_ovpn.proto.server import ServerEndpoint, ServerSettings
+from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.proto.states import KSState
+from bsd_ovpn.proto.tls import TLSConfig
+from bsd_ovpn.proto.wrap import NoWrap, TLSAuth, TLSCrypt, TLSCryptV2Client, TLSCryptV2Server
+from bsd_ovpn.testbed.pki import PKI
+
+CLIENT_ADDR = ("192.0.2.2", 40000)
+
+
+@pytest.fixture(scope="module")
+def tls(pki: PKI) -> tuple[TLSConfig, TLSConfig]:
+    srv, cli = pki.server(), pki.client()
+    server_tls = TLSConfig(ca=pki.ca_pem, cert=srv.cert_pem, key=srv.key_pem,
+                           remote_cert_tls="client")
+    client_tls = TLSConfig(ca=pki.ca_pem, cert=cli.cert_pem, key=cli.key_pem,
+                           remote_cert_tls="server")
+    return server_tls, client_tls
+
+
+@pytest.fixture(scope="module")
+def static_key() -> StaticKey:
+    return StaticKey.generate()
+
+
+def _wraps(kind: str, key: StaticKey) -> tuple[Callable[[], object], object, object]:
+    """(server wrap factory, server tls-crypt-v2, client wrap) for a wrapping kind."""
+    if kind == "none":
+        return NoWrap, None, NoWrap()
+    if kind == "tls-auth":
+        return (lambda: TLSAuth(key, 0, "SHA1")), None, TLSAuth(key, 1, "SHA1")
+    if kind == "tls-crypt":
+        return (lambda: TLSCrypt(key, server=True)), None, TLSCrypt(key, server=False)
+    assert kind == "tls-crypt-v2"
+    skey = TLSCryptV2ServerKey.generate()
+    kc = StaticKey.generate()
+    ckey = TLSCryptV2ClientKey(kc, wrap_client_key(skey, kc, b"\x01" + bytes(8)))
+    return None, TLSCryptV2Server(skey), TLSCryptV2Client(ckey)
+
+
+class Net:
+    """A client, a server endpoint, a clock and a lossy wire between them."""
+
+    def __init__(self, server_tls: TLSConfig, client_tls: TLSConfig, *, wrap: str = "tls-crypt",
+                 key: StaticKey | None = None, client_kw: dict | None = None,
+                 server_kw: dict | None = None, endpoint_kw: dict | None = None) -> None:
+        key = key or StaticKey.generate()
+        factory, v2, cwrap = _wraps(wrap, key)
+        self.now = 1000.0
+        skw = dict(server=True, tls=server_tls, data_ciphers=("AES-256-GCM", "AES-128-GCM",
+                                                                "CHACHA20-POLY1305"),
+                   push_options=("ping 10", "ping-restart 60"))
+        skw.update(server_kw or {})
+        self.server_settings = SessionSettings(**skw)
+        self.endpoint = ServerEndpoint(
+            ServerSettings(self.server_settings, pool=ipaddress.ip_network("198.51.100.0/24"),
+                           **(endpoint_kw or {})),
+            wrap_factory=factory, tls_crypt_v2=v2, cookie_jar=CookieJar(b"k" * 32, 60))
+        ckw = dict(server=False, tls=client_tls)
+        ckw.update(client_kw or {})
+        self.client = Session.connect(SessionSettings(**ckw), cwrap, self.now)
+        self.c_events: list[ev.Event] = []
+        self.s_events: list[ev.Event] = []
+        self.to_server: Callable[[int, bytes], list[bytes]] = lambda i, d: [d]
+        self.to_client: Callable[[int, bytes], list[bytes]] = lambda i, d: [d]
+        self.n_c2s = 0
+        self.n_s2c = 0
+        self.held: list[tuple[str, bytes]] = []
+
+    def step(self) -> int:
+        moved = 0
+        for d in self.client.datagrams_to_send(self.now):
+            self.n_c2s += 1
+            for x in self.to_server(self.n_c2s, d):
+                self.endpoint.receive_datagram(x, CLIENT_ADDR, self.now)
+                moved += 1
+        for d, addr in self.endpoint.datagrams_to_send(self.now):
+            assert addr == CLIENT_ADDR
+            self.n_s2c += 1
+            for x in self.to_client(self.n_s2c, d):
+                self.client.receive_datagram(x, self.now)
+                moved += 1
+        while (e := self.client.next_event()) is not None:
+            self.c_events.append(e)
+        while (ce := self.endpoint.next_event()) is not None:
+            self.s_events.append(ce.event)
+        return moved
+
+    def run(self, until: Callable[[], bool], max_time: float = 120.0) -> None:
+        end = self.now + max_time
+        while not until():
+            if self.step():
+                continue
+            timers = [t for t in (self.client.get_timer(), self.endpoint.get_timer())
+                      if t is not None]
+            if not timers:
+                raise AssertionError("deadlock: no timers and nothing to send")
+            self.now = max(self.now, min(timers))
+            if self.now > end:
+                raise AssertionError(f"not done after {max_time} s: client {self.c_events}")
+            self.client.handle_timer(self.now)
+            self.endpoint.handle_timer(self.now)
+            self.step()
+
+    def keys(self, events: list[ev.Event]) -> list[ev.KeysReady]:
+        return [e for e in events if isinstance(e, ev.KeysReady)]
+
+    def established(self) -> bool:
+        return bool(self.keys(self.c_events)) and bool(self.keys(self.s_events))
+
+    @property
+    def server_session(self) -> Session:
+        s = self.endpoint.session_for(CLIENT_ADDR)
+        assert s is not None
+        return s
+
+
+def _check_keys_match(c: ev.KeysReady, s: ev.KeysReady) -> None:
+    assert c.key_id == s.key_id
+    assert c.keys.cipher == s.keys.cipher
+    assert c.keys.encrypt_key == s.keys.decrypt_key and c.keys.encrypt_iv == s.keys.decrypt_iv
+    assert s.keys.encrypt_key == c.keys.decrypt_key and s.keys.encrypt_iv == c.keys.decrypt_iv
+    assert c.keys.encrypt_key != c.keys.decrypt_key
+
+
+@pytest.mark.parametrize("wrap", ["none", "tls-auth", "tls-crypt", "tls-crypt-v2"])
+@pytest.mark.parametrize("ekm", [False, True])
+def test_full_handshake_keys_agree(tls: tuple[TLSConfig, TLSConfig], wrap: str, ekm: bool) -> None:
+    net = Net(*tls, wrap=wrap, client_kw={"ekm": ekm})
+    net.run(net.established)
+    (ck,), (sk,) = net.keys(net.c_events), net.keys(net.s_events)
+    _check_keys_match(ck, sk)
+    assert ck.slot is KeySlot.PRIMARY and sk.slot is KeySlot.PRIMARY
+    assert ck.key_derivation == sk.key_derivation == ("tls-ekm" if ekm else "prf")
+    assert ck.keys.cipher == "AES-256-GCM"
+    assert ck.peer_id == sk.peer_id == 0
+    push = [e for e in net.c_events if isinstance(e, ev.PushReplyReceived)]
+    assert push and ("ifconfig", "198.51.100.2", "255.255.255.0") in push[0].options
+    hs = [e for e in net.c_events if isinstance(e, ev.HandshakeComplete)]
+    assert hs[0].peer_common_name == "server"
+    auth = [e for e in net.s_events if isinstance(e, ev.PeerAuthenticated)]
+    assert auth[0].peer_common_name == "client" and "IV_PROTO" in auth[0].peer_info
+    # data both ways with the derived keys (AEAD, P_DATA_V2)
+    cdc = DataChannel(ck.keys, peer_id=ck.peer_id)
+    sdc = DataChannel(sk.keys, peer_id=sk.peer_id)
+    assert sdc.decrypt(cdc.encrypt(b"E" * 40), net.now) == b"E" * 40
+    assert cdc.decrypt(sdc.encrypt(b"F" * 40), net.now) == b"F" * 40
+    assert net.client.primary is not None
+    assert net.client.primary.state is KSState.GENERATED_KEYS
+    assert net.server_session.primary.state is KSState.GENERATED_KEYS
+    if wrap == "tls-crypt-v2":
+        assert net.client.resend_wkc
+
+
+def test_cipher_negotiation_follows_server_order(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, client_kw={"data_ciphers": ("CHACHA20-POLY1305", "AES-128-GCM")})
+    net.run(net.established)
+    assert net.keys(net.c_events)[0].keys.cipher == "AES-128-GCM"
+
+
+def _lossy(pattern: Callable[[int], bool]) -> Callable[[int, bytes], list[bytes]]:
+    return lambda i, d: [] if pattern(i) else [d]
+
+
+@pytest.mark.parametrize("name,c2s,s2c", [
+    ("drop every 3rd", lambda i: i % 3 == 0, lambda i: i % 3 == 0),
+    ("drop first 4 from server", lambda i: False, lambda i: i <= 4),
+    ("drop every 2nd client packet", lambda i: i % 2 == 0, lambda i: False),
+])
+def test_handshake_survives_loss(tls: tuple[TLSConfig, TLSConfig], name: str,
+                                 c2s: Callable[[int], bool], s2c: Callable[[int], bool]) -> None:
+    net = Net(*tls)
+    net.to_server, net.to_client = _lossy(c2s), _lossy(s2c)
+    net.run(net.established, max_time=60)
+    _check_keys_match(net.keys(net.c_events)[0], net.keys(net.s_events)[0])
+
+
+def test_handshake_survives_duplication_and_reordering(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, wrap="none")
+    held: dict[str, bytes | None] = {"c": None, "s": None}
+
+    def swap(side: str) -> Callable[[int, bytes], list[bytes]]:
+        def f(i: int, d: bytes) -> list[bytes]:
+            if i % 2 == 1:          # hold odd packets, send them after the next one
+                held[side] = d
+                return [d]          # ... and also deliver now: duplication
+            prev, held[side] = held[side], None
+            return [d, prev] if prev is not None else [d]
+        return f
+
+    net.to_server, net.to_client = swap("c"), swap("s")
+    net.run(net.established, max_time=60)
+    _check_keys_match(net.keys(net.c_events)[0], net.keys(net.s_events)[0])
+    assert net.client.terminated is None
+
+
+def test_retransmit_timing_of_unanswered_reset(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    settings = SessionSettings(server=False, tls=tls[1], hand_window=60)
+    s = Session.connect(settings, NoWrap(), 0.0)
+    sent = []
+    t = 0.0
+    while s.terminated is None:
+        if s.datagrams_to_send(t):
+            sent.append(t)
+        timer = s.get_timer()
+        assert timer is not None
+        t = max(t, timer)
+        s.handle_timer(t)
+    assert sent == [0.0, 2.0, 6.0, 14.0, 30.0]
+    assert s.terminated.reason == "hand-window" and t == 60.0
+
+
+def test_cookie_statelessness(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, wrap="none")
+    for i in range(50):
+        reset = ControlPacket(Opcode.P_CONTROL_HARD_RESET_CLIENT_V2, 0, bytes([1 + i] * 8),
+                              message_id=0).encode()
+        assert net.endpoint.receive_datagram(reset, ("192.0.2.99", 1000 + i), net.now)
+    assert len(net.endpoint) == 0
+    assert net.endpoint.get_timer() is None
+    replies = net.endpoint.datagrams_to_send(net.now)
+    assert len(replies) == 50
+    srv = ControlPacket.decode(replies[0][0])
+    assert srv.opcode is Opcode.P_CONTROL_HARD_RESET_SERVER_V2 and srv.acks == (0,)
+    # a forged cookie does not create state either
+    fake = ControlPacket(Opcode.P_CONTROL_V1, 0, bytes([1] * 8), (0,), b"\x99" * 8, 1,
+                         b"\x16\x03\x01").encode()
+    assert not net.endpoint.receive_datagram(fake, ("192.0.2.99", 1000), net.now)
+    assert len(net.endpoint) == 0
+    # the genuine cookie from the right address does
+    good = ControlPacket(Opcode.P_CONTROL_V1, 0, bytes([1] * 8), (0,), srv.session_id, 1,
+                         b"").encode()
+    assert not net.endpoint.receive_datagram(good, ("192.0.2.99", 1001), net.now)  # wrong addr
+    assert net.endpoint.receive_datagram(good, ("192.0.2.99", 1000), net.now)
+    assert len(net.endpoint) == 1
+
+
+def test_client_that_stops_is_forgotten_after_hand_window(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls)
+    # deliver everything until the server has state, then cut the client off
+    net.run(lambda: len(net.endpoint) == 1)
+    net.to_server = lambda i, d: []
+    net.run(lambda: len(net.endpoint) == 0, max_time=70)
+    term = [e for e in net.s_events if isinstance(e, ev.ConnectionTerminated)]
+    assert term and term[0].reason == "hand-window"
+    assert net.now - 1000.0 <= 61
+
+
+def _rekey(net: Net, *, from_client: bool) -> None:
+    nc, ns = len(net.keys(net.c_events)), len(net.keys(net.s_events))
+    (net.client if from_client else net.server_session).renegotiate(net.now)
+    net.run(lambda: len(net.keys(net.c_events)) > nc and len(net.keys(net.s_events)) > ns,
+            max_time=30)
+
+
+def _kernel(events: list[ev.Event]) -> dict[KeySlot, int]:
+    """Apply key events to a model of if_ovpn's two slots."""
+    slots: dict[KeySlot, int] = {}
+    for e in events:
+        if isinstance(e, ev.KeysReady):
+            slots[e.slot] = e.key_id
+        elif isinstance(e, ev.SwapKeys):
+            assert slots.get(KeySlot.SECONDARY) == e.key_id
+            slots[KeySlot.PRIMARY], slots[KeySlot.SECONDARY] = (
+                slots[KeySlot.SECONDARY], slots[KeySlot.PRIMARY])
+        elif isinstance(e, ev.DeleteKey):
+            assert slots.pop(e.slot) == e.key_id
+    return slots
+
+
+@pytest.mark.parametrize("wrap", ["tls-crypt", "tls-crypt-v2"])
+def test_renegotiation_three_times_and_key_id_wrap(tls: tuple[TLSConfig, TLSConfig],
+                                                    wrap: str) -> None:
+    net = Net(*tls, wrap=wrap, client_kw={"reneg_sec": 0}, server_kw={"reneg_sec": 0})
+    net.run(net.established)
+    seen = [0]
+    for i in range(9):                      # 0 -> 1..7 -> 1 -> 2
+        _rekey(net, from_client=i % 2 == 0)
+        ck, sk = net.keys(net.c_events)[-1], net.keys(net.s_events)[-1]
+        _check_keys_match(ck, sk)
+        assert ck.slot is KeySlot.SECONDARY
+        seen.append(ck.key_id)
+        # TX moves to the new key after auth_deferred_expire (min(60, reneg/2) = 60 s here)
+        net.now += 61
+        net.client.handle_timer(net.now)
+        net.endpoint.handle_timer(net.now)
+        net.step()
+        for events in (net.c_events, net.s_events):
+            assert _kernel(events)[KeySlot.PRIMARY] == ck.key_id
+    assert seen == [0, 1, 2, 3, 4, 5, 6, 7, 1, 2]
+    # keys of the new key_id decrypt data from the peer
+    cdc = DataChannel(net.client.tx_keys(), peer_id=0)
+    sdc = DataChannel(net.server_session.tx_keys(), peer_id=0)
+    assert sdc.decrypt(cdc.encrypt(b"x" * 20), net.now) == b"x" * 20
+    assert net.client.terminated is None and net.server_session.terminated is None
+
+
+def test_reneg_sec_timer_and_lame_duck_expiry(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, client_kw={"reneg_sec": 5, "tran_window": 8},
+              server_kw={"reneg_sec": 0, "tran_window": 8})
+    net.run(net.established)
+    t0 = net.now
+    net.run(lambda: len(net.keys(net.c_events)) == 4, max_time=30)   # 3 rekeys by reneg-sec
+    assert [k.key_id for k in net.keys(net.c_events)] == [0, 1, 2, 3]
+    assert net.now - t0 < 20
+    slots = _kernel(net.c_events)
+    assert slots[KeySlot.PRIMARY] in (2, 3)
+    assert any(isinstance(e, ev.SwapKeys) for e in net.c_events)
+    assert any(isinstance(e, ev.DeleteKey) for e in net.c_events)
+
+
+def test_auth_failed_path(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    seen: list[ev.AuthRequest] = []
+
+    def verify(req: ev.AuthRequest) -> tuple[bool, str]:
+        seen.append(req)
+        return (req.username == "alice" and req.password == "secret", "bad password")
+
+    net = Net(*tls, client_kw={"username": "alice", "password": "wrong"},
+              server_kw={"auth_verify": verify})
+    net.run(lambda: net.client.terminated is not None, max_time=30)
+    assert seen and seen[0].username == "alice" and seen[0].password == "wrong"
+    fails = [e for e in net.c_events if isinstance(e, ev.AuthFailed)]
+    assert fails and "bad password" in fails[0].reason
+    assert net.client.terminated.reason == "auth-failed"
+    assert not net.keys(net.c_events) and not net.keys(net.s_events)
+
+
+def test_deferred_auth(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, client_kw={"username": "bob", "password": "pw"},
+              server_kw={"auth_verify": lambda req: None})
+    net.run(lambda: any(isinstance(e, ev.AuthRequest) for e in net.s_events), max_time=30)
+    assert not net.keys(net.s_events)
+    net.server_session.set_auth_result(0, True, now=net.now)
+    net.run(net.established, max_time=30)
+    _check_keys_match(net.keys(net.c_events)[0], net.keys(net.s_events)[0])
+
+
+def test_bad_packets_are_dropped_without_killing_the_session(
+        tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, wrap="none")
+    net.run(net.established)
+    c = net.client
+    assert c.remote_sid is not None
+    garbage = [
+        b"",
+        b"\x20" + b"\x00" * 3,
+        b"\xff" * 30,
+        ControlPacket(Opcode.P_CONTROL_V1, 0, b"\x42" * 8, message_id=99).encode(),   # wrong sid
+        ControlPacket(Opcode.P_CONTROL_V1, 5, c.remote_sid, message_id=1).encode(),   # key id
+        ControlPacket(Opcode.P_ACK_V1, 0, c.remote_sid, (3,), b"\x01" * 8).encode(),  # wrong remote
+        ControlPacket(Opcode.P_CONTROL_HARD_RESET_CLIENT_V2, 0, c.remote_sid,
+                      message_id=0).encode(),                                          # direction
+        bytes([Opcode.P_CONTROL_V1 << 3]) + c.remote_sid + b"\x09",                    # 9 acks
+    ]
+    for g in garbage:
+        assert c.receive_datagram(g, net.now) is False
+    assert c.dropped == len(garbage)
+    assert c.terminated is None
+    # a TLS-level garbage packet in the window kills only via a clear TLS error
+    _rekey(net, from_client=True)
+    assert c.terminated is None
+
+
+def test_exit_is_delivered(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls)
+    net.run(net.established)
+    net.client.close(net.now)
+    net.run(lambda: net.client.terminated is not None, max_time=10)
+    assert any(isinstance(e, ev.ExitReceived) for e in net.s_events)
+    assert len(net.endpoint) == 0
+    assert net.client.terminated.reason == "closed"
+
+
+def test_max_clients(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, wrap="none", endpoint_kw={"max_clients": 1})
+    net.run(net.established)
+    # a second client completes the cookie exchange but gets no state
+    second = ("192.0.2.3", 40001)
+    reset = ControlPacket(Opcode.P_CONTROL_HARD_RESET_CLIENT_V2, 0, b"\x07" * 8, message_id=0)
+    net.endpoint.receive_datagram(reset.encode(), second, net.now)
+    (reply, _addr), = net.endpoint.datagrams_to_send(net.now)
+    cookie = ControlPacket.decode(reply).session_id
+    ack = ControlPacket(Opcode.P_ACK_V1, 0, b"\x07" * 8, (0,), cookie)
+    assert not net.endpoint.receive_datagram(ack.encode(), second, net.now)
+    assert "max-clients" in (net.endpoint.last_error or "")
+    assert len(net.endpoint) == 1

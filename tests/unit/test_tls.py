@@ -1,0 +1,249 @@
+"""TLS over memory BIOs: handshake, EKM agreement, records, and clear verify failures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bsd_ovpn.errors import LocalProtocolError, RemoteProtocolError
+from bsd_ovpn.proto.keys import EKM_LABEL
+from bsd_ovpn.proto.tls import (TLSChannel, TLSConfig, TLSConfigError, TLSError,
+                                VerifyX509Name, format_subject)
+from bsd_ovpn.testbed.pki import PKI, Credential
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+def _cfg(pki: PKI, cred: Credential | None, **kw: object) -> TLSConfig:
+    return TLSConfig(ca=pki.ca_pem, cert=cred.cert_pem if cred else None,
+                     key=cred.key_pem if cred else None, **kw)  # type: ignore[arg-type]
+
+
+def _pump(srv: TLSChannel, cli: TLSChannel, rounds: int = 8) -> list[bytes]:
+    """Shuttle bytes both ways; read records so post-handshake alerts surface.
+
+    Returns the records the server read, one entry per record.
+    """
+    got = []
+    for _ in range(rounds):
+        a = cli.outgoing()
+        srv.receive(a)
+        while rec := srv.read_record():
+            got.append(rec)
+        b = srv.outgoing()
+        cli.receive(b)
+        cli.read()
+        if not a and not b and srv.handshake_complete and cli.handshake_complete:
+            break
+    return got
+
+
+def _connect(srv_cfg: TLSConfig, cli_cfg: TLSConfig) -> tuple[TLSChannel, TLSChannel]:
+    srv = TLSChannel(srv_cfg, server=True)
+    cli = TLSChannel(cli_cfg, server=False)
+    _pump(srv, cli)
+    return srv, cli
+
+
+def _failure(srv_cfg: TLSConfig, cli_cfg: TLSConfig) -> tuple[str, TLSChannel, TLSChannel]:
+    """Run a handshake that must fail; return the first side's message, keep going."""
+    srv = TLSChannel(srv_cfg, server=True)
+    cli = TLSChannel(cli_cfg, server=False)
+    with pytest.raises(TLSError) as exc:
+        _pump(srv, cli)
+    assert isinstance(exc.value, RemoteProtocolError)
+    return str(exc.value), srv, cli
+
+
+def test_handshake_ekm_and_records(pki: PKI) -> None:
+    srv_cfg = _cfg(pki, pki.server(), remote_cert_tls="client")
+    cli_cfg = _cfg(pki, pki.client("alice"), remote_cert_tls="server",
+                   verify_x509_name=("server", "name"))
+    srv = TLSChannel(srv_cfg, server=True)
+    cli = TLSChannel(cli_cfg, server=False)
+    hello = cli.outgoing()
+    assert hello[:1] == b"\x16"  # ClientHello produced at construction
+    cli.write(b"KM2 before handshake\x00")  # buffered until the handshake completes
+    cli.write(b"second message\x00")
+    srv.receive(hello)
+    got = _pump(srv, cli)
+    assert got == [b"KM2 before handshake\x00", b"second message\x00"]  # one record each
+    assert srv.handshake_complete and cli.handshake_complete
+    assert srv.version == cli.version == "TLSv1.3"
+    assert srv.cipher_name == cli.cipher_name
+    assert srv.peer_common_name == "alice" and cli.peer_common_name == "server"
+    assert cli.peer_certificate is not None and format_subject(
+        cli.peer_certificate.subject) == "CN=server"
+    k_srv = srv.export_keying_material(EKM_LABEL, 256)
+    k_cli = cli.export_keying_material(EKM_LABEL, 256)
+    assert k_srv == k_cli and len(k_srv) == 256
+    assert srv.export_keying_material(b"EXPORTER-OpenVPN-other", 256) != k_srv
+    # Each write is one record: two reads of one record each.
+    cli.write(b"PUSH_REQUEST\x00")
+    cli.write(b"EXIT\x00")
+    srv.receive(cli.outgoing())
+    assert srv.read_record() == b"PUSH_REQUEST\x00"
+    assert srv.read_record() == b"EXIT\x00"
+    assert srv.read_record() == b""
+    srv.write(b"A" * 2048)
+    srv.write(b"B\x00")
+    cli.receive(srv.outgoing())
+    assert cli.read() == b"A" * 2048 + b"B\x00"
+    with pytest.raises(LocalProtocolError, match="2049 bytes exceeds"):
+        srv.write(b"x" * 2049)
+    # Contexts are built once per config and role.
+    assert TLSChannel(srv_cfg, server=True)._conn.get_context() is srv_cfg.context(True)
+
+
+def test_ekm_not_before_handshake(pki: PKI) -> None:
+    cli = TLSChannel(_cfg(pki, pki.client()), server=False)
+    with pytest.raises(LocalProtocolError, match="after the handshake"):
+        cli.export_keying_material(EKM_LABEL, 256)
+
+
+def test_tls12_handshake_and_ekm(pki: PKI) -> None:
+    from OpenSSL import SSL
+    srv_cfg = _cfg(pki, pki.server())
+    cli_cfg = _cfg(pki, pki.client())
+    cli_cfg.context(False).set_max_proto_version(SSL.TLS1_2_VERSION)
+    srv, cli = _connect(srv_cfg, cli_cfg)
+    assert srv.version == "TLSv1.2" and "ECDHE" in (srv.cipher_name or "")
+    assert srv.export_keying_material(EKM_LABEL, 256) == cli.export_keying_material(
+        EKM_LABEL, 256)
+
+
+def test_tls13_min_version_refuses_tls12_peer(pki: PKI) -> None:
+    from OpenSSL import SSL
+    cli_cfg = _cfg(pki, pki.client())
+    cli_cfg.context(False).set_max_proto_version(SSL.TLS1_2_VERSION)
+    msg, _, _ = _failure(_cfg(pki, pki.server(), tls_version_min="1.3"), cli_cfg)
+    assert "TLS" in msg
+
+
+def test_wrong_ca_both_sides_explain(pki: PKI) -> None:
+    evil = pki.unrelated_ca().client("mallory")
+    srv = TLSChannel(_cfg(pki, pki.server()), server=True)
+    cli = TLSChannel(_cfg(pki, evil), server=False)
+    with pytest.raises(TLSError) as exc:
+        _pump(srv, cli)
+    assert str(exc.value) == ("certificate verify failed: unable to get local issuer "
+                              "certificate (depth 0, subject CN=mallory)")
+    # The server's alert reaches the client, which says it was rejected.
+    with pytest.raises(TLSError, match="the server rejected us .*unknown ca"):
+        cli.receive(srv.outgoing())
+        cli.read()
+    # A failed channel stays failed.
+    with pytest.raises(TLSError, match="already failed"):
+        srv.receive(b"")
+
+
+def test_client_rejects_server_from_other_ca(pki: PKI) -> None:
+    other = pki.unrelated_ca().server("server")
+    msg, _, _ = _failure(_cfg(pki, other), _cfg(pki, pki.client()))
+    assert msg.startswith("certificate verify failed: unable to get local issuer certificate")
+    assert "CN=server" in msg
+
+
+def test_expired_certificate(pki: PKI) -> None:
+    msg, _, _ = _failure(_cfg(pki, pki.server(expired=True)), _cfg(pki, pki.client()))
+    assert "certificate has expired" in msg and "depth 0" in msg
+
+
+def test_revoked_certificate_via_crl(pki: PKI, tmp_path: Path) -> None:
+    victim = pki.issue("revoked-client", usage="client")
+    pki.revoke(victim)
+    crl = Path(pki.crl()).read_bytes()
+    srv_cfg = _cfg(pki, pki.server(), crl=[crl])
+    msg, _, _ = _failure(srv_cfg, _cfg(pki, victim))
+    assert msg == ("certificate verify failed: certificate revoked "
+                   "(depth 0, subject CN=revoked-client)")
+    # A non-revoked client passes with the same CRL-checking config.
+    srv, cli = _connect(srv_cfg, _cfg(pki, pki.client("fine")))
+    assert srv.peer_common_name == "fine"
+
+
+def test_remote_cert_tls_server_needs_server_eku(pki: PKI) -> None:
+    no_eku = pki.issue("plain", usage="none")
+    msg, _, _ = _failure(_cfg(pki, no_eku), _cfg(pki, pki.client(), remote_cert_tls="server"))
+    assert msg == ("peer certificate lacks extendedKeyUsage serverAuth (remote-cert-tls server); "
+                   "subject CN=plain")
+    # Without remote-cert-tls the same certificate is accepted (no EKU = any purpose).
+    srv, cli = _connect(_cfg(pki, no_eku), _cfg(pki, pki.client()))
+    assert cli.peer_common_name == "plain"
+    # A clientAuth-only certificate already fails OpenSSL's purpose check (as in OpenVPN).
+    not_a_server = pki.issue("sneaky", usage="client")
+    msg, _, _ = _failure(_cfg(pki, not_a_server),
+                         _cfg(pki, pki.client(), remote_cert_tls="server"))
+    assert msg == ("certificate verify failed: unsuitable certificate purpose (depth 0, "
+                   "subject CN=sneaky): its extendedKeyUsage does not allow use as a TLS "
+                   "server certificate")
+
+
+def test_remote_cert_tls_client_on_server(pki: PKI) -> None:
+    msg, _, _ = _failure(_cfg(pki, pki.server(), remote_cert_tls="client"),
+                         _cfg(pki, pki.issue("no-eku-client", usage="none")))
+    assert "lacks extendedKeyUsage clientAuth (remote-cert-tls client)" in msg
+    msg, _, _ = _failure(_cfg(pki, pki.server(), remote_cert_tls="client"),
+                         _cfg(pki, pki.issue("srv-as-client", usage="server")))
+    assert "does not allow use as a TLS client certificate" in msg
+
+
+@pytest.mark.parametrize("vxn,ok", [
+    (VerifyX509Name("CN=server"), True),
+    (VerifyX509Name("CN=serverX"), False),
+    (("server", "name"), True),
+    (("serv", "name"), False),
+    (("serv", "name-prefix"), True),
+    (("name-prefix", "x"), False),   # (type, name) order accepted too
+    ("CN=server", True),
+])
+def test_verify_x509_name(pki: PKI, vxn: object, ok: bool) -> None:
+    cli_cfg = _cfg(pki, pki.client(), verify_x509_name=vxn)
+    if ok:
+        srv, cli = _connect(_cfg(pki, pki.server()), cli_cfg)
+        assert cli.handshake_complete
+    else:
+        msg, _, _ = _failure(_cfg(pki, pki.server()), cli_cfg)
+        assert msg.startswith("verify-x509-name mismatch: peer")
+        assert "server" in msg
+
+
+def test_client_certificate_modes(pki: PKI) -> None:
+    anon = TLSConfig(ca=pki.ca_pem)
+    msg, _, _ = _failure(_cfg(pki, pki.server()), anon)
+    assert msg == ("TLS handshake failed: the client presented no certificate "
+                   "(verify-client-cert require)")
+    srv, cli = _connect(_cfg(pki, pki.server(), verify_client_cert="optional"), anon)
+    assert srv.handshake_complete and srv.peer_certificate is None
+    srv, cli = _connect(_cfg(pki, pki.server(), verify_client_cert="none"),
+                        _cfg(pki, pki.client()))
+    assert srv.handshake_complete and srv.peer_common_name is None
+
+
+def test_config_errors(pki: PKI) -> None:
+    with pytest.raises(TLSConfigError, match="remote-cert-tls"):
+        TLSConfig(ca=pki.ca_pem, remote_cert_tls="peer")
+    with pytest.raises(TLSConfigError, match="tls-version-min"):
+        TLSConfig(ca=pki.ca_pem, tls_version_min="1.0")
+    with pytest.raises(TLSConfigError, match="verify-client-cert"):
+        TLSConfig(ca=pki.ca_pem, verify_client_cert="maybe")
+    with pytest.raises(TLSConfigError, match="together"):
+        TLSConfig(ca=pki.ca_pem, cert=pki.server().cert_pem)
+    with pytest.raises(TLSConfigError, match="verify-x509-name type"):
+        TLSConfig(ca=pki.ca_pem, verify_x509_name=("x", "cn"))
+    with pytest.raises(TLSConfigError, match="ca: not a PEM"):
+        TLSConfig(ca=b"garbage").context(False)
+    with pytest.raises(TLSConfigError, match="does not match"):
+        TLSConfig(ca=pki.ca_pem, cert=pki.server().cert_pem,
+                  key=pki.client().key_pem).context(True)
+    with pytest.raises(TLSConfigError, match="needs cert and key"):
+        TLSConfig(ca=pki.ca_pem).context(True)
+
+
+def test_garbage_from_peer_is_tls_error(pki: PKI) -> None:
+    srv = TLSChannel(_cfg(pki, pki.server()), server=True)
+    with pytest.raises(TLSError, match="TLS failed"):
+        srv.receive(b"\x16\x03\x01\x00\x05hello-not-tls" * 3)
