@@ -388,6 +388,13 @@ def _check_socket_family(sock: socket.socket, remote: Endpoint) -> None:
             f"::ffff:{remote.address}")
     if sock.family == socket.AF_INET and remote.address.version == 6:
         raise ValidationError(f"remote {remote} is IPv6 but the socket is IPv4")
+    try:
+        bound_port = sock.getsockname()[1]
+    except OSError as exc:
+        raise ValidationError(f"cannot read the UDP socket's address: {exc}") from None
+    if bound_port == 0:
+        raise ValidationError("the UDP socket is not bound: bind it first (if_ovpn needs its "
+                              "local port)")
 
 
 def _ip_bytes(value: Any, version: int, what: str) -> bytes:

@@ -641,8 +641,11 @@ class Engine:
             if peer.next_ping is not None and peer.next_ping <= now:
                 if peer.interval > 0:
                     ifs.dataplane.send_ping(peer.peer_id)
-                    # re-armed from the firing time, like callout_reset in the handler
-                    peer.next_ping = max(peer.next_ping + peer.interval, now)
+                    # re-armed every interval (callout_reset in the handler); pings
+                    # missed while the engine was stalled are not sent in a burst
+                    peer.next_ping += peer.interval
+                    if peer.next_ping <= now:
+                        peer.next_ping = now + peer.interval
                 else:
                     peer.next_ping = None
             if peer.timeout_at is not None and peer.timeout_at <= now:

@@ -236,7 +236,8 @@ def run_manual(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m bsd_ovpn.engine.fastpath")
     ap.add_argument("--tun", required=True)
     ap.add_argument("--mtu", type=int, default=1428)
-    ap.add_argument("--tun-addr", required=True, help="CIDR on the tun, e.g. 198.51.100.1/24")
+    ap.add_argument("--tun-addr", required=True, action="append",
+                    help="CIDR on the tun, e.g. 198.51.100.1/24 (repeatable)")
     ap.add_argument("--bind", required=True, help="local UDP ADDRESS:PORT")
     ap.add_argument("--remote", required=True, help="peer UDP ADDRESS:PORT")
     ap.add_argument("--peer-id", type=int, default=1)
@@ -275,7 +276,8 @@ def run_manual(argv: list[str] | None = None) -> int:
         dp.attach(udp.fileno(), dev.fd)
         dp.set_running(True)
         dev.set_up()
-        tunmod._ip("addr", "add", args.tun_addr, "dev", dev.name)
+        for cidr in args.tun_addr:
+            tunmod._ip("addr", "add", cidr, "dev", dev.name)
         print("READY " + json.dumps({"peers": dp.peer_count(), **_memory_kb()}), flush=True)
         try:
             while sys.stdin.readline():

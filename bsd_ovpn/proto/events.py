@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from bsd_ovpn.ifovpn import KeySlot
 from bsd_ovpn.proto.keys import DataKeys
+from bsd_ovpn.proto.push import PushReply
 
 
 class Event:
@@ -89,9 +90,13 @@ class DeleteKey(Event):
 
 @dataclass(frozen=True)
 class PushReplyReceived(Event):
-    """Client: the server's (reassembled) PUSH_REPLY, parsed and applied."""
+    """Client: the server's (reassembled) PUSH_REPLY, parsed and applied.
 
-    options: tuple[tuple[str, ...], ...]
+    ``reply`` has the typed options (ifconfig, routes, ping, peer-id, ...);
+    ``raw`` the option strings as received.
+    """
+
+    reply: PushReply = field(compare=False)
     raw: tuple[str, ...]
 
 

@@ -19,7 +19,8 @@ from bsd_ovpn.proto.keys import PRE_MASTER_SIZE, RANDOM_SIZE, KeySource
 
 __all__ = [
     "KEY_METHOD_2", "MAX_MESSAGE_SIZE", "OPTIONS_MAX", "USER_PASS_MAX",
-    "CipherNegotiationError", "IVProto", "KeyMethod2", "KeyMethodError", "PeerInfo",
+    "CipherNegotiationError", "IVProto", "KeyMethod2", "KeyMethodError", "KeyMethodTruncated",
+    "PeerInfo",
     "choose_cipher", "options_cipher", "options_string",
 ]
 
@@ -48,6 +49,10 @@ class KeyMethodError(RemoteProtocolError):
     def __init__(self, field_name: str, message: str) -> None:
         self.field = field_name
         super().__init__(f"key-method 2 {field_name}: {message}")
+
+
+class KeyMethodTruncated(KeyMethodError):
+    """The data ends inside the message: with a stream read, wait for more bytes."""
 
 
 class CipherNegotiationError(RemoteProtocolError):
@@ -79,7 +84,7 @@ class _Reader:
 
     def take(self, n: int, name: str) -> bytes:
         if self.pos + n > len(self.data):
-            raise KeyMethodError(name, f"message truncated (need {n} bytes at offset "
+            raise KeyMethodTruncated(name, f"message truncated (need {n} bytes at offset "
                                        f"{self.pos}, have {len(self.data) - self.pos})")
         chunk = self.data[self.pos:self.pos + n]
         self.pos += n
@@ -141,10 +146,20 @@ class KeyMethod2:
         """Parse a KM2 at the start of ``data``; return it and the bytes it used.
 
         For callers whose TLS read may return the KM2 and the next control
-        message (e.g. a PUSH_REPLY) together.
+        message (e.g. a PUSH_REPLY) together.  Raises :class:`KeyMethodTruncated`
+        if ``data`` ends inside the message (read more and retry).
         """
-        if len(data) > MAX_MESSAGE_SIZE:
-            data = data[:MAX_MESSAGE_SIZE]
+        clipped = len(data) > MAX_MESSAGE_SIZE
+        try:
+            return cls._decode_prefix(data[:MAX_MESSAGE_SIZE] if clipped else data, client_sent)
+        except KeyMethodTruncated as exc:
+            if clipped:  # more bytes would not help: the message is simply too big
+                raise KeyMethodError(exc.field, f"message exceeds the {MAX_MESSAGE_SIZE}-byte "
+                                                "limit") from None
+            raise
+
+    @classmethod
+    def _decode_prefix(cls, data: bytes, client_sent: bool) -> tuple[KeyMethod2, int]:
         r = _Reader(data)
         r.take(4, "header")  # literal u32 0; OpenVPN skips it without looking
         method = r.take(1, "key method")[0]

@@ -9,7 +9,6 @@ userspace engine and :mod:`bsd_ovpn.proto.datachannel` all consume.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from dataclasses import dataclass

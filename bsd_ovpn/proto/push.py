@@ -9,6 +9,7 @@ sends, so the session layer never touches string formats.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Union
@@ -30,6 +31,7 @@ MAX_MESSAGE_LEN = 2047
 #: OpenVPN's PUSH_BUNDLE_SIZE: the buffer one PUSH_REPLY part is built in.
 PUSH_BUNDLE_SIZE = 1024
 _CONT_MORE = ",push-continuation 2"
+_UINT_RE = re.compile(r"[0-9]{1,9}")
 _CONT_LAST = ",push-continuation 1"
 
 
@@ -196,8 +198,7 @@ def _parse_temp(rest: str) -> tuple[int | None, str | None, str | None]:
     if rest.startswith("[") and end >= 0:
         for flag in rest[1:end].split(","):
             words = flag.split()
-            if len(words) == 2 and words[0] == "backoff" and words[1].isdigit() \
-                    and len(words[1]) <= 9:
+            if len(words) == 2 and words[0] == "backoff" and _UINT_RE.fullmatch(words[1]):
                 backoff = int(words[1])
             elif len(words) == 2 and words[0] == "advance" and words[1] in ("no", "remote",
                                                                               "addr"):
@@ -254,7 +255,7 @@ def parse_message(message: str) -> ControlMessage:
                 if message.startswith("AUTH_PENDING,") else []:
             words = kw.split()
             if len(words) == 2 and words[0] == "timeout":
-                if not words[1].isdigit() or len(words[1]) > 9:
+                if not _UINT_RE.fullmatch(words[1]):
                     raise ControlMessageError(f"AUTH_PENDING: bad timeout {words[1]!r}")
                 timeout = int(words[1])
             elif kw:
@@ -426,7 +427,7 @@ _ROUTE_WORDS = ("vpn_gateway", "net_gateway", "remote_host", "default")
 
 
 def _int_arg(option: str, text: str, lo: int, hi: int) -> int:
-    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 10:
+    if not re.fullmatch(r"-?[0-9]{1,10}", text):
         raise PushError(option, f"{text!r} is not an integer")
     value = int(text)
     if not lo <= value <= hi:

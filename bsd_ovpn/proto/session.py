@@ -56,7 +56,6 @@ PUSH_REPLY_MAX = 1024          # PUSH_BUNDLE_SIZE: stock servers split longer re
 AUTH_FAILED_LINGER = 2.0       # server keeps the session to deliver AUTH_FAILED
 EXIT_LINGER = 5.0              # wait for ACKs of our EXIT before giving up
 _MAX_PLAIN_BUFFER = 16384      # unparsed TLS plaintext we are willing to hold
-_MAX_PUSH_PARTS = 64
 
 
 class SessionError(RemoteProtocolError):
@@ -133,6 +132,7 @@ class KeyState:
     acks: AckQueue = field(default_factory=AckQueue)
     tls: TLSChannel | None = None
     tls_out: bytearray = field(default_factory=bytearray)
+    early_tls: bytearray = field(default_factory=bytearray)
     plain: bytearray = field(default_factory=bytearray)
     local_source: KeySource | None = None
     remote_km: KeyMethod2 | None = None
@@ -179,8 +179,9 @@ class Session:
         self.peer_common_name: str | None = None
         self.username: str | None = None
         self.resend_wkc = False
-        self.pushed: tuple[tuple[str, ...], ...] | None = None
-        self._push_parts: list[str] = []
+        self.pushed: pushmod.PushReply | None = None
+        self._push_assembler = pushmod.PushReplyAssembler()
+        self._auth_token: str | None = None
         self._push_request_due: float | None = None
         self._push_sent_at: float | None = None
         self._push_wanted = False
@@ -465,6 +466,13 @@ class Session:
 
     def _start_tls(self, ks: KeyState) -> None:
         ks.tls = TLSChannel(self.settings.tls, server=self.server)
+        if ks.early_tls:
+            early, ks.early_tls = bytes(ks.early_tls), bytearray()
+            try:
+                ks.tls.receive(early)
+            except TLSError as exc:
+                self._tls_failed(ks, exc)
+                return
         self._pump_tls(ks)
 
     # ------------------------------------------------------------------ receive path
@@ -520,9 +528,13 @@ class Session:
 
     def _deliver(self, ks: KeyState, opcode: Opcode, payload: bytes, now: float) -> None:
         if opcode in (Opcode.P_CONTROL_V1, Opcode.P_CONTROL_WKC_V1):
-            if ks.tls is None:
-                raise SessionError("TLS data before the reset exchange finished")
             if ks.state == KSState.ERROR:
+                return
+            if ks.tls is None:
+                # our own reset is not acked yet: keep the bytes for the TLS object
+                ks.early_tls += payload
+                if len(ks.early_tls) > _MAX_PLAIN_BUFFER:
+                    raise SessionError("too much TLS data before the reset exchange finished")
                 return
             try:
                 ks.tls.receive(payload)
@@ -664,9 +676,8 @@ class Session:
         st = self.settings
         ks.local_source = KeySource.generate(client=True)
         password = st.password
-        token = getattr(self, "_auth_token", None)
-        if token is not None:
-            password = token
+        if self._auth_token is not None:
+            password = self._auth_token
         km = KeyMethod2(ks.local_source, self._options_string(), st.username, password,
                         self._client_peer_info())
         self._tls_write(ks, km.encode(client=True))
@@ -931,82 +942,58 @@ class Session:
             self._send_control_message(self.primary, msg)
         self._push_sent_at = now
         self._push_wanted = False
-        self.pushed = tuple(tuple(o.split()) for o in opts)
         self._events.append(ev.PushReplySent(tuple(opts)))
 
     def _client_push_reply(self, text: str, now: float) -> None:
         if self.pushed is not None:
             return                          # duplicate (answer to a repeated request)
-        body = text[len("PUSH_REPLY"):].lstrip(",")
-        self._push_parts.append(body)
-        if len(self._push_parts) > _MAX_PUSH_PARTS:
-            self._terminate("protocol-error", "PUSH_REPLY continuation never ended")
-            return
-        items = [o.strip() for o in body.split(",") if o.strip()]
-        cont = [o for o in items if o.split()[:1] == ["push-continuation"]]
-        if cont and cont[-1].split()[1:2] == ["2"]:
-            return
-        raw = [o.strip() for part in self._push_parts for o in part.split(",")
-               if o.strip() and not o.strip().startswith("push-continuation")]
-        self._push_parts = []
         try:
-            options = tuple(tuple(pushmod.split_option(o)) for o in raw)
+            reply = self._push_assembler.feed(text)
         except (OvpnError, ValueError) as exc:
             self._terminate("protocol-error", f"bad PUSH_REPLY: {exc}")
             return
+        if reply is None:
+            return                          # push-continuation 2: more parts follow
         self._push_request_due = None
-        err = self._apply_push(options)
+        err = self._apply_push(reply)
         if err:
             self._terminate("protocol-error", err)
             return
-        self.pushed = options
-        self._events.append(ev.PushReplyReceived(options, tuple(raw)))
+        self.pushed = reply
+        self._events.append(ev.PushReplyReceived(reply, tuple(reply.options)))
         p = self.primary
         if p is not None and p.key_id == 0 and p.state >= KSState.GOT_KEY:
             self._generate_keys(p, now)
             self._check_active(p, now)
 
-    def _apply_push(self, options: tuple[tuple[str, ...], ...]) -> str | None:
+    def _apply_push(self, reply: pushmod.PushReply) -> str | None:
         st = self.settings
-        cipher = None
-        for opt in options:
-            name, args = opt[0], opt[1:]
-            if name == "cipher" and args:
-                cipher = args[0]
-            elif name == "peer-id" and args:
-                try:
-                    self.peer_id = int(args[0])
-                except ValueError:
-                    return f"pushed peer-id {args[0]!r} is not a number"
-            elif name == "key-derivation" and args:
-                if args[0] != "tls-ekm":
-                    return f"unsupported pushed key-derivation {args[0]!r}"
-                self.key_derivation = "tls-ekm"
-            elif name == "protocol-flags":
-                for word in args:
-                    if word == "cc-exit":
-                        self.cc_exit = True
-                    elif word == "tls-ekm":
-                        self.key_derivation = "tls-ekm"
-                    elif word == "dyn-tls-crypt":
-                        return "server pushed dyn-tls-crypt, which this client did not announce"
-            elif name == "ping" and args:
-                self.ping = _num(args[0], self.ping)
-            elif name == "ping-restart" and args:
-                self.ping_restart = _num(args[0], self.ping_restart)
-            elif name == "auth-token" and args:
-                self._auth_token = args[0]
-        if self.key_derivation == "tls-ekm" and not (st.ekm and _ekm_capable()):
-            return "server pushed tls-ekm but this client cannot export TLS keying material"
-        if cipher is None:
-            cipher = st.data_ciphers_fallback
+        if reply.peer_id is not None:
+            self.peer_id = reply.peer_id
+        if "cc-exit" in reply.protocol_flags:
+            self.cc_exit = True
+        if "dyn-tls-crypt" in reply.protocol_flags:
+            return "server pushed dyn-tls-crypt, which this client did not announce"
+        if reply.key_derivation is not None and reply.key_derivation != "tls-ekm":
+            return f"unsupported pushed key-derivation {reply.key_derivation!r}"
+        if reply.uses_ekm:
+            if not (st.ekm and _ekm_capable()):
+                return "server pushed tls-ekm but this client did not announce TLS-EKM"
+            self.key_derivation = "tls-ekm"
+        if reply.ping is not None:
+            self.ping = float(reply.ping)
+        if reply.ping_restart is not None:
+            self.ping_restart = float(reply.ping_restart)
+        if reply.auth_token is not None:
+            self._auth_token = reply.auth_token
+        cipher = reply.cipher or st.data_ciphers_fallback
         if cipher is None:
             return "server pushed no cipher and no data-ciphers-fallback is configured"
-        if cipher.upper() not in {c.upper() for c in st.data_ciphers} \
-                and cipher != st.data_ciphers_fallback:
-            return f"server pushed cipher {cipher!r}, not in data-ciphers " \
-                   f"{':'.join(st.data_ciphers)}"
-        self.cipher = next((c for c in st.data_ciphers if c.upper() == cipher.upper()), cipher)
+        allowed = {c.upper(): c for c in st.data_ciphers}
+        if cipher.upper() not in allowed and cipher != st.data_ciphers_fallback:
+            return (f"server pushed cipher {cipher!r}, which is not in data-ciphers "
+                    f"{':'.join(st.data_ciphers)}")
+        self.cipher = allowed.get(cipher.upper(), cipher)
         return None
 
     # ------------------------------------------------------------------ errors / end
@@ -1039,13 +1026,6 @@ def _tls_attr(tls: object, name: str) -> str | None:
 
 def _ekm_capable() -> bool:
     return hasattr(TLSChannel, "export_keying_material")
-
-
-def _num(text: str, default: float) -> float:
-    try:
-        return float(int(text))
-    except ValueError:
-        return default
 
 
 def _pi_dict(pi: PeerInfo) -> dict[str, str]:

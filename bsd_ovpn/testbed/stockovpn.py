@@ -346,6 +346,12 @@ class StockOpenVPN:
     def dev(self) -> str | None:
         return self.config.dev if isinstance(self.config, OvpnConfig) else None
 
+    @property
+    def opened_dev(self) -> str | None:
+        """The tun device openvpn actually opened (from its log; "tun3" on FreeBSD)."""
+        m = re.search(r"TUN/TAP device (?:/dev/)?(\S+) opened", self.log)
+        return m.group(1) if m else None
+
     def start(self) -> "StockOpenVPN":
         """Write the config and start openvpn; returns self (does not wait)."""
         if self.proc is not None:

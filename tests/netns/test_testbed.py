@@ -72,6 +72,25 @@ def test_segment_three_hosts() -> None:
     assert not (mine & _namespaces())
 
 
+def test_routed_chain_with_mtu() -> None:
+    """a - r - b on two links: add_route (v4 via, v6 dev) and forwarding in r."""
+    with Lab() as lab:
+        a, r, b = lab.host("a"), lab.host("r"), lab.host("b")
+        if_a, _ = lab.link(a, r, ["192.0.2.1/30", "2001:db8:3::1/64"],
+                           ["192.0.2.2/30", "2001:db8:3::2/64"], mtu=1400)
+        _, if_b = lab.link(r, b, ["192.0.2.5/30", "2001:db8:4::1/64"],
+                           ["192.0.2.6/30", "2001:db8:4::2/64"])
+        a.add_route("default", via="192.0.2.2")
+        a.add_route("2001:db8:4::/64", via="2001:db8:3::2")
+        b.add_route("192.0.2.0/30", via="192.0.2.5")
+        b.add_route("default", via="2001:db8:4::1")
+        assert a.ping("192.0.2.6", timeout=5)
+        assert b.ping("2001:db8:3::1", timeout=5)
+        assert "mtu 1400" in a.ip("link", "show", "dev", if_a).stdout
+        with pytest.raises(Exception, match="Nexthop|unreachable|Network"):
+            b.add_route("198.51.100.0/24", via="192.0.2.200")
+
+
 def test_cleanup_stale_removes_only_dead_runs() -> None:
     be = NetnsBackend()
     dead = subprocess.Popen(["true"])
@@ -116,6 +135,7 @@ def test_stock_openvpn_tunnel_both_ways(tmp_path) -> None:
             assert s.ping("198.51.100.2", count=3, timeout=10), srv.log_tail()
             assert c.ping("2001:db8:100::1", count=3, timeout=10), cli.log_tail()
             assert s.ping("2001:db8:100::1000", count=3, timeout=10), srv.log_tail()
+            assert cli.opened_dev == cli_cfg.dev
             assert "198.51.100.2/24" in c.addresses(cli_cfg.dev)
             assert _openvpn_pids_with(str(workdir))
         finally:

@@ -113,6 +113,7 @@ def test_start_vpn_sends_no_nvlist(ifc, tr):
 
 def test_new_peer_takes_a_socket_object(ifc, tr):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
         ifc.new_peer(7, s, ("192.0.2.1", 1194))
         assert last_request(tr)[3] == s.fileno()
         assert nv.unpack(last_request(tr)[2]).get_number("fd") == s.fileno()
@@ -215,6 +216,9 @@ def test_socket_family_must_match_remote(ifc, tr):
         with pytest.raises(ValidationError, match="socket is IPv4"):
             ifc.new_peer(7, s4, ("2001:db8::1", 1194))
         assert tr.requests == []
+        with pytest.raises(ValidationError, match="not bound"):
+            ifc.new_peer(7, s6, ("::ffff:192.0.2.1", 1194))
+        s6.bind(("::1", 0))
         ifc.new_peer(7, s6, ("::ffff:192.0.2.1", 1194))  # dual stack: the kernel converts
         assert len(tr.requests) == 1
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from bsd_ovpn.errors import RemoteProtocolError, ValidationError
 from bsd_ovpn.proto.keymethod import (CipherNegotiationError, IVProto, KeyMethod2,
-                                      KeyMethodError, PeerInfo, choose_cipher, options_cipher,
-                                      options_string)
+                                      KeyMethodError, KeyMethodTruncated, PeerInfo, choose_cipher,
+                                      options_cipher, options_string)
 from bsd_ovpn.proto.keys import KeySource
 
 SERVER_OCC = ("V4,dev-type tun,link-mtu 1541,tun-mtu 1500,proto UDPv4,auth SHA1,keysize 128,"
@@ -84,6 +84,16 @@ def test_decode_prefix_reports_consumed_bytes() -> None:
     assert used == 178 and km.options == SERVER_OCC
     with pytest.raises(KeyMethodError, match="unexpected bytes after peer-info"):
         KeyMethod2.decode(wire + b"x", False)
+    # Every strict prefix is "truncated" (a stream reader waits for more) ...
+    for cut in range(len(wire)):
+        with pytest.raises(KeyMethodTruncated):
+            KeyMethod2.decode_prefix(wire[:cut], False)
+    # ... except when the message could never fit OpenVPN's 2048-byte read.
+    huge = b"\0\0\0\0\x02" + bytes(64) + struct.pack("!H", 500) + b"V" * 499 + b"\0" \
+        + b"\0\0\0\0" + struct.pack("!H", 3000) + b"X" * 2000
+    with pytest.raises(KeyMethodError, match="exceeds the 2048-byte limit") as exc:
+        KeyMethod2.decode_prefix(huge, False)
+    assert not isinstance(exc.value, KeyMethodTruncated)
 
 
 def _string(s: bytes) -> bytes:
