@@ -498,6 +498,14 @@ class FastpathEngine:
     def set_running(self, up: bool) -> None:
         self._lib.bsd_ovpn_fp_set_running(self._e(), 1 if up else 0)
 
+    def set_offload(self, on: bool) -> None:
+        self._lib.bsd_ovpn_fp_set_offload(self._e(), 1 if on else 0)
+
+    def offload_state(self) -> tuple[bool, bool]:
+        """(UDP GSO in use, UDP GRO in use) since the last attach."""
+        v = int(self._lib.bsd_ovpn_fp_offload_state(self._e()))
+        return bool(v & 1), bool(v & 2)
+
     def add_route(self, ipver: int, prefix: bytes, plen: int, gateway: bytes) -> None:
         _fp_check(self._lib.bsd_ovpn_fp_add_route(self._e(), ipver, prefix, plen, gateway),
                   "bsd_ovpn_fp_add_route")

@@ -405,10 +405,6 @@ class Config:
     def is_server(self) -> bool:
         return self.mode == "server" or self.tls_server
 
-    @property
-    def ping_restart_effective(self) -> int:
-        return self.ping_restart
-
     def control_wrap_kind(self) -> str:
         """"none", "tls-auth", "tls-crypt" or "tls-crypt-v2" (the one a client uses)."""
         if self.tls_crypt_v2 is not None and not self.is_server:
@@ -492,10 +488,10 @@ def _directive(name: str, nmin: int, nmax: int) -> Callable[[_Handler], _Handler
 
 
 def _int(ctx: _Ctx, v: str, lo: int, hi: int, what: str = "value") -> int:
-    try:
-        n = int(v, 10)
-    except ValueError:
-        raise ctx.error(f"{what} {v!r} is not an integer") from None
+    digits = v[1:] if v.startswith("-") else v
+    if not digits or len(digits) > 20 or not all("0" <= ch <= "9" for ch in digits):
+        raise ctx.error(f"{what} {v!r} is not an integer")
+    n = int(v, 10)
     if not lo <= n <= hi:
         raise ctx.error(f"{what} {n} outside {lo}..{hi}")
     return n
@@ -672,9 +668,19 @@ class _Parser:
             self.cfg.origins[name] = (ctx.path, ctx.line)
 
 
+_MAX_FILE = 4 << 20
+
+
 def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as fh:
-        return fh.read(4 << 20)
+    """Read a config/PEM file; every failure is an OSError with a readable message."""
+    with open(path, "rb") as fh:
+        raw = fh.read(_MAX_FILE + 1)
+    if len(raw) > _MAX_FILE:
+        raise OSError(f"larger than {_MAX_FILE >> 20} MiB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OSError(f"not UTF-8 text (byte {exc.start})") from None
 
 
 # ---- directive handlers -----------------------------------------------------------------------
@@ -722,7 +728,8 @@ for _n, _a in [("client-to-client", "client_to_client"), ("username-as-common-na
 for _n, _a, _p in [("user", "user", False), ("group", "group", False),
                    ("tls-cipher", "tls_cipher", False),
                    ("tls-ciphersuites", "tls_ciphersuites", False),
-                   ("tls-groups", "tls_groups", False), ("remote-cert-eku", "remote_cert_eku", False),
+                   ("tls-groups", "tls_groups", False),
+                   ("remote-cert-eku", "remote_cert_eku", False),
                    ("tls-crypt-v2-verify", "tls_crypt_v2_verify", False),
                    ("writepid", "writepid", True), ("tls-version-max", "tls_version_max", False)]:
     _string(_n, _a, _p)
@@ -1049,8 +1056,10 @@ def _d_cipher(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
 def _d_auth(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
     name = a[0]
     if name.lower() != "none":
+        norm = name.lower().replace("-", "_")
+        norm = norm[4:] if norm.startswith("rsa_") else norm
         try:
-            hashlib.new(name.lower().replace("-", "_"))
+            hashlib.new(norm)
         except ValueError:
             raise ctx.error(f"unknown digest {name!r}") from None
     p.cfg.auth = name
@@ -1488,8 +1497,6 @@ def load(path: str | os.PathLike[str]) -> Config:
         text = _read_text(path)
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror or exc}", path) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text (byte {exc.start})", path) from None
     return loads(text, path)
 
 

@@ -32,7 +32,8 @@ Python                 libnv type
 ``bytes``/bytearray    BINARY (never empty: libnv refuses size 0)
 ``Mapping``/NVList     NVLIST (an ``NVList`` child keeps its own flags)
 ``Descriptor``         DESCRIPTOR (an index into the SCM_RIGHTS fd array)
-non-empty ``list``     BOOL/NUMBER/STRING/NVLIST/DESCRIPTOR_ARRAY after its items
+non-empty list/tuple   BOOL/NUMBER/STRING/NVLIST/DESCRIPTOR_ARRAY after its items
+                       (all items of one kind; unpack returns lists)
 =====================  ==========================================================
 
 Guarantees of ``unpack``: every malformed input raises ``NVError`` (offset +
@@ -65,9 +66,9 @@ libnv's own unpack -> pack does the same normalisation.  Precisely:
   way libnv decodes it (pairs follow the top header and each array-element
   header; nested NVLIST headers do not change it) but packs in one order.
 
-Deliberate difference from C libnv: array sizes are compared with exact
-integers, so ``datasize == 8 * nitems`` cannot be satisfied by a 64-bit
-overflow.
+Array sizes are compared as exact integers, so no 64-bit wrap-around of
+``8 * nitems`` can let a lying ``nitems`` through (current libnv guards that
+multiplication as well).
 
 Descriptors: ``nvlist_pack`` refuses them; ``pack`` writes what
 ``nvlist_send`` writes (the indexes held by each ``Descriptor``, with the
@@ -87,7 +88,7 @@ from typing import Any
 from bsd_ovpn.errors import OvpnError
 
 __all__ = [
-    "NV_FLAG_IGNORE_CASE", "NV_FLAG_NO_UNIQUE", "NV_NAME_MAX", "HEADER_SIZE",
+    "NV_FLAG_IGNORE_CASE", "NV_FLAG_NO_UNIQUE", "NV_NAME_MAX", "HEADER_SIZE", "U64_MAX",
     "NVType", "NVError", "NVFieldError", "Descriptor", "NVList",
     "nvtype_of", "pack", "unpack",
 ]
@@ -152,6 +153,9 @@ class NVError(OvpnError, ValueError):
         else:
             super().__init__(f"invalid packed nvlist at offset {offset}: {reason}")
 
+    def __reduce__(self) -> tuple[Any, ...]:   # keep offset/reason across pickling
+        return type(self), (self.reason, self.offset)
+
 
 class NVFieldError(NVError):
     """A field a consumer requires is missing, of another type, or out of range.
@@ -166,6 +170,9 @@ class NVFieldError(NVError):
         self.expected = expected
         self.found = found
         super().__init__(f"field {name!r}: expected {expected}, found {found}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.name, self.expected, self.found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +217,10 @@ def _check_flags(flags: object, what: str) -> int:
     return flags
 
 
-_ARRAY_OF = {_BOOL: NVType.BOOL_ARRAY, _NUMBER: NVType.NUMBER_ARRAY,
-             _STRING: NVType.STRING_ARRAY, _NVLIST: NVType.NVLIST_ARRAY,
-             _DESCRIPTOR: NVType.DESCRIPTOR_ARRAY}
+_ARRAY_OF: dict[NVType | None, NVType] = {
+             NVType.BOOL: NVType.BOOL_ARRAY, NVType.NUMBER: NVType.NUMBER_ARRAY,
+             NVType.STRING: NVType.STRING_ARRAY, NVType.NVLIST: NVType.NVLIST_ARRAY,
+             NVType.DESCRIPTOR: NVType.DESCRIPTOR_ARRAY}
 
 
 def _scalar_type(value: object) -> NVType | None:
@@ -244,14 +252,13 @@ def nvtype_of(value: object) -> NVType:
         if not value:
             raise NVError("empty lists cannot be packed: libnv arrays need at least one item")
         first = _scalar_type(value[0])
-        array = _ARRAY_OF.get(first)  # type: ignore[arg-type]
-        if array is None:
+        if first not in _ARRAY_OF:
             raise NVError(f"lists of {type(value[0]).__name__} cannot be packed")
         for item in value:
             if _scalar_type(item) is not first:
-                raise NVError(f"mixed list: {first.label} and {type(item).__name__} "  # type: ignore[union-attr]
+                raise NVError(f"mixed list: {first.label} and {type(item).__name__} "
                               f"items cannot share one array")
-        return array
+        return _ARRAY_OF[first]
     kind = _scalar_type(value)
     if kind is None:
         raise NVError(f"values of type {type(value).__name__} cannot be packed")
@@ -461,7 +468,8 @@ class NVList(MutableMapping[str, Any]):
         """The first value of pair (name, nvtype); NVFieldError if there is none."""
         value = self._find(name, int(nvtype))
         if value is _MISSING:
-            raise NVFieldError(name, f"a {NVType(nvtype).label} pair", self._what_is(name))
+            raise NVFieldError(name, f"a pair of type {NVType(nvtype).label}",
+                               self._what_is(name))
         return value
 
     def get_number(self, name: str, *, lo: int = 0, hi: int = U64_MAX) -> int:
@@ -757,7 +765,7 @@ def _list_flags(nvl: Mapping[str, Any]) -> int:
 
 
 def _path(stack: list[tuple[Any, ...]], name: str) -> str:
-    """Dotted path of a pair for pack error messages: ``encrypt.key``."""
+    """Path of a pair for pack error messages: ``pair 'encrypt'.'key'``."""
     return "pair " + ".".join([repr(frame[1]) for frame in stack] + [repr(name)])
 
 
@@ -873,34 +881,34 @@ def unpack(data: bytes | bytearray | memoryview, *, flags: int = 0, nfds: int = 
 
         if kind == _NUMBER:
             if datasize != 8:
-                raise NVError(f"{_where(kind, name)}: datasize is {datasize}, not 8", start)
+                raise _pair_error(kind, name, start, f"datasize is {datasize}, not 8")
             value: Any = o.u64.unpack_from(data, pos)[0]
         elif kind == _STRING:
             if datasize == 0 or data.find(b"\0", pos, pos + datasize) != pos + datasize - 1:
-                raise NVError(f"{_where(kind, name)}: value is not exactly NUL-terminated", start)
+                raise _pair_error(kind, name, start, "value is not exactly NUL-terminated")
             value = data[pos:pos + datasize - 1].decode("utf-8", "surrogateescape")
         elif kind == _BINARY:
             if datasize == 0:
-                raise NVError(f"{_where(kind, name)}: datasize 0 (libnv rejects empty binaries)", start)
+                raise _pair_error(kind, name, start, "datasize 0 (libnv rejects empty binaries)")
             value = data[pos:pos + datasize]
         elif kind == _BOOL:
             if datasize != 1:
-                raise NVError(f"{_where(kind, name)}: datasize is {datasize}, not 1", start)
+                raise _pair_error(kind, name, start, f"datasize is {datasize}, not 1")
             if data[pos] > 1:
-                raise NVError(f"{_where(kind, name)}: value byte is {data[pos]}, not 0 or 1", start)
+                raise _pair_error(kind, name, start, f"value byte is {data[pos]}, not 0 or 1")
             value = data[pos] == 1
         elif kind == _NULL:
             if datasize != 0:
-                raise NVError(f"{_where(kind, name)}: datasize is {datasize}, not 0", start)
+                raise _pair_error(kind, name, start, f"datasize is {datasize}, not 0")
             value = None
         elif kind == _NVLIST:
-            # Only checked for nonzero (and in bounds above); the child's own
-            # header and markers delimit it.  The child header does not change
-            # the byte order pairs are read in.
+            # The datasize is only checked for nonzero (and in bounds above):
+            # the child's own header and markers delimit it.  The child header
+            # does not change the byte order pairs are read in.
             if datasize == 0:
-                raise NVError(f"{_where(kind, name)}: datasize 0", start)
+                raise _pair_error(kind, name, start, "datasize 0")
             child_flags, _ = _read_header(data, pos, nfds)
-            child = NVList(flags=child_flags)
+            child = _empty_list(child_flags)
             _append(cur, name, child, start)
             stack.append([cur, None, 0])
             cur = child
@@ -908,16 +916,15 @@ def unpack(data: bytes | bytearray | memoryview, *, flags: int = 0, nfds: int = 
             continue
         elif kind == _NVLIST_ARRAY:
             if nitems == 0:
-                raise NVError(f"{_where(kind, name)}: nitems 0", start)
+                raise _pair_error(kind, name, start, "nitems 0")
             if HEADER_SIZE * nitems > end - pos:
-                raise NVError(f"{_where(kind, name)}: {nitems} items cannot fit in the {end - pos} bytes left",
-                              start)
+                raise _pair_error(kind, name, start,
+                                  f"{nitems} items cannot fit in the {end - pos} bytes left")
             # Like libnv, all elements exist up front; one the stream never
-            # reaches stays an empty list.
-            elements = [NVList() for _ in range(nitems)]
-            elem_flags, o = _read_header(data, pos, nfds)   # element headers set the order
+            # reaches stays an empty list.  Element headers set the byte order.
+            elements = [_empty_list(0) for _ in range(nitems)]
+            elements[0]._flags, o = _read_header(data, pos, nfds)
             pair_unpack = o.pair.unpack_from
-            elements[0]._flags = elem_flags
             _append(cur, name, elements, start)
             stack.append([cur, elements, 1])
             cur = elements[0]
@@ -937,55 +944,71 @@ def unpack(data: bytes | bytearray | memoryview, *, flags: int = 0, nfds: int = 
             if elements is None or index == len(elements):
                 cur = stack.pop()[0]        # last element (or a plain nested list): go up
                 continue
-            elem_flags, o = _read_header(data, pos, nfds)
-            pair_unpack = o.pair.unpack_from
             cur = elements[index]
-            cur._flags = elem_flags
+            cur._flags, o = _read_header(data, pos, nfds)
+            pair_unpack = o.pair.unpack_from
             frame[2] = index + 1
             pos += HEADER_SIZE
             continue
         elif kind == _DESCRIPTOR:
             if datasize != 8:
-                raise NVError(f"{_where(kind, name)}: datasize is {datasize}, not 8", start)
+                raise _pair_error(kind, name, start, f"datasize is {datasize}, not 8")
             index = o.i64.unpack_from(data, pos)[0]
             if not 0 <= index < nfds:
-                raise NVError(f"{_where(kind, name)}: descriptor index {index} is outside [0, nfds={nfds})",
-                              start)
+                raise _pair_error(kind, name, start,
+                                  f"descriptor index {index} is outside [0, nfds={nfds})")
             value = Descriptor(index)
         elif kind == _BOOL_ARRAY:
             if nitems == 0 or datasize != nitems:
-                raise NVError(f"{_where(kind, name)}: nitems {nitems} and datasize {datasize} do not match",
-                              start)
+                raise _pair_error(kind, name, start,
+                                  f"nitems {nitems} and datasize {datasize} do not match")
             value = [b != 0 for b in data[pos:pos + datasize]]
         elif kind == _NUMBER_ARRAY:
             if nitems == 0 or datasize != 8 * nitems:
-                raise NVError(f"{_where(kind, name)}: nitems {nitems} and datasize {datasize} do not match",
-                              start)
+                raise _pair_error(kind, name, start,
+                                  f"nitems {nitems} and datasize {datasize} do not match")
             value = list(o.array("Q", nitems).unpack_from(data, pos))
         elif kind == _STRING_ARRAY:
             raw = data[pos:pos + datasize]
             if nitems == 0 or datasize == 0 or raw[-1] != 0 or raw.count(0) != nitems:
-                raise NVError(f"{_where(kind, name)}: datasize {datasize} does not hold exactly {nitems} "
-                              f"NUL-terminated strings", start)
+                raise _pair_error(kind, name, start, f"datasize {datasize} does not hold "
+                                  f"exactly {nitems} NUL-terminated strings")
             value = [s.decode("utf-8", "surrogateescape") for s in raw[:-1].split(b"\0")]
         else:  # _DESCRIPTOR_ARRAY
             if nitems == 0 or datasize != 8 * nitems:
-                raise NVError(f"{_where(kind, name)}: nitems {nitems} and datasize {datasize} do not match",
-                              start)
+                raise _pair_error(kind, name, start,
+                                  f"nitems {nitems} and datasize {datasize} do not match")
             indexes = o.array("q", nitems).unpack_from(data, pos)
             for index in indexes:
                 if not 0 <= index < nfds:
-                    raise NVError(f"{_where(kind, name)}: descriptor index {index} is outside "
-                                  f"[0, nfds={nfds})", start)
+                    raise _pair_error(kind, name, start,
+                                      f"descriptor index {index} is outside [0, nfds={nfds})")
             value = [Descriptor(i) for i in indexes]
 
-        _append(cur, name, value, start)
+        # _append(cur, name, value, start), inlined: this is the hot path.
+        key = name.translate(_ASCII_LOWER) if cur._flags & NV_FLAG_IGNORE_CASE else name
+        if key in cur._first:
+            if not cur._flags & NV_FLAG_NO_UNIQUE:
+                raise NVError(f"duplicate name {name!r} (libnv: EEXIST)", start)
+        else:
+            cur._first[key] = len(cur._pairs)
+        cur._pairs.append((name, value))
         pos += datasize
     return root
 
 
-def _where(kind: int, name: str) -> str:
-    return f"{NVType(kind).label} pair {name!r}"
+def _empty_list(flags: int) -> NVList:
+    """A new empty NVList without NVList.__init__'s argument checks (unpack's hot path)."""
+    nvl = NVList.__new__(NVList)
+    nvl._flags = flags
+    nvl._pairs = []
+    nvl._first = {}
+    nvl.byteorder = None
+    return nvl
+
+
+def _pair_error(kind: int, name: str, offset: int, reason: str) -> NVError:
+    return NVError(f"{NVType(kind).label} pair {name!r}: {reason}", offset)
 
 
 def _append(nvl: NVList, name: str, value: Any, offset: int) -> None:

@@ -179,6 +179,11 @@ class _Loop:
             return (f"handshake did not finish within {timeout:g} s; last dropped packet: "
                     f"{s.last_error}")
         self.reason = "timeout"
+        if p is not None and p.state.name == "SENT_KEY":
+            self.reason = "rejected"
+            return (f"TLS handshake finished but the server never answered our key exchange "
+                    f"within {timeout:g} s: it most likely rejected our certificate (expired, "
+                    "revoked, wrong EKU) or credentials; the server log says which")
         if t is not None:
             return t.message
         state = p.state.name if p is not None else "?"

@@ -36,6 +36,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <arpa/inet.h>
 #include <openssl/evp.h>
 
@@ -91,6 +92,11 @@ struct bsd_ovpn_fp_event {
 #define FP_EVQ_LEN 256
 #define FP_MAX_ROUTES 1024
 #define FP_OP_DATA_V2 9
+#define FP_GSO_MAX 64           /* the kernel's UDP_MAX_SEGMENTS */
+#define FP_GSO_BYTES 60000      /* stay under the 64 KiB IP datagram limit */
+#if defined(__linux__) && defined(UDP_SEGMENT) && defined(UDP_GRO)
+#define FP_HAVE_UDP_OFFLOAD 1   /* UDP GSO (send) and GRO (receive) */
+#endif
 
 #define FP_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
 #define FP_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
@@ -177,6 +183,9 @@ struct bsd_ovpn_fp_engine {
 
     int udp_fd, tun_fd, tun_hdr, udp_family;
     int pktinfo_ok;             /* socket bound to a wildcard: we may pick the source */
+    int gso_ok;                 /* atomic: send runs of datagrams as one UDP GSO message */
+    int gro_ok;                 /* the socket hands us coalesced datagrams (UDP_GRO) */
+    int offload_allowed;        /* set_offload(): GSO/GRO may be used at attach */
     int running;                /* threads started */
     int stop;                   /* atomic: ask threads to exit */
     int link_up;                /* atomic */
@@ -187,6 +196,8 @@ struct bsd_ovpn_fp_engine {
     pthread_t tx_thread, rx_thread;
     struct fp_slot tx_slots[FP_BATCH], rx_slots[FP_BATCH];
     struct mmsghdr tx_msgs[FP_BATCH], rx_msgs[FP_BATCH];
+    uint8_t *rx_out_ptr[FP_BATCH * FP_GSO_MAX];
+    size_t rx_out_len[FP_BATCH * FP_GSO_MAX];
 
     pthread_mutex_t ev_lock;
     struct bsd_ovpn_fp_event evq[FP_EVQ_LEN];
@@ -744,27 +755,73 @@ static size_t fp_ip_overhead(bsd_ovpn_fp_engine *e, const struct fp_slot *s)
     return 20 + 8;
 }
 
-/* Send slots [0, n) with sendmmsg; returns how many were sent. */
+static int fp_same_dest(const struct fp_slot *a, const struct fp_slot *b)
+{
+    return a->namelen == b->namelen && memcmp(&a->name, &b->name, a->namelen) == 0 &&
+           a->ctrllen == b->ctrllen && memcmp(a->ctrl.buf, b->ctrl.buf, a->ctrllen) == 0;
+}
+
+/* Send slots [0, n) with sendmmsg.  With UDP GSO, a run of datagrams to the
+ * same destination whose sizes are equal (the last may be shorter) goes as
+ * one message: the kernel's UDP/IP stack then runs once per run instead of
+ * once per datagram, and the receiver may get the run whole (UDP_GRO).
+ * Returns how many slots were handled. */
 static int fp_send_batch(bsd_ovpn_fp_engine *e, struct fp_slot *slots, struct mmsghdr *msgs,
                          int n, struct bsd_ovpn_fp_iface_counters *c, int flags)
 {
-    int done = 0, waited = 0;
+    struct iovec iov[FP_BATCH];
+    union {
+        struct cmsghdr align;
+        uint8_t buf[96];
+    } ctl[FP_BATCH];
+    int first[FP_BATCH + 1];
+    int nmsg = 0, done = 0, waited = 0;
+    int gso = FP_LOAD(&e->gso_ok);
     for (int i = 0; i < n; i++) {
-        memset(&msgs[i].msg_hdr, 0, sizeof(msgs[i].msg_hdr));
-        slots[i].iov.iov_base = slots[i].data;
-        slots[i].iov.iov_len = slots[i].len;
-        msgs[i].msg_hdr.msg_iov = &slots[i].iov;
-        msgs[i].msg_hdr.msg_iovlen = 1;
-        msgs[i].msg_hdr.msg_name = &slots[i].name;
-        msgs[i].msg_hdr.msg_namelen = slots[i].namelen;
-        if (slots[i].ctrllen) {
-            msgs[i].msg_hdr.msg_control = slots[i].ctrl.buf;
-            msgs[i].msg_hdr.msg_controllen = slots[i].ctrllen;
-        }
-        msgs[i].msg_len = 0;
+        iov[i].iov_base = slots[i].data;
+        iov[i].iov_len = slots[i].len;
     }
-    while (done < n) {
-        int r = sendmmsg(e->udp_fd, msgs + done, n - done, flags);
+    for (int i = 0; i < n; nmsg++) {
+        int j = i + 1;
+        size_t seg = slots[i].len, total = seg;
+        while (gso && j < n && j - i < FP_GSO_MAX && slots[j].len <= seg &&
+               total + slots[j].len <= FP_GSO_BYTES && fp_same_dest(&slots[i], &slots[j])) {
+            total += slots[j].len;
+            j++;
+            if (slots[j - 1].len < seg)
+                break;                      /* only the last segment may be short */
+        }
+        struct msghdr *h = &msgs[nmsg].msg_hdr;
+        memset(h, 0, sizeof(*h));
+        h->msg_iov = &iov[i];
+        h->msg_iovlen = j - i;
+        h->msg_name = &slots[i].name;
+        h->msg_namelen = slots[i].namelen;
+        size_t clen = slots[i].ctrllen;
+        if (clen)
+            memcpy(ctl[nmsg].buf, slots[i].ctrl.buf, clen);
+#ifdef FP_HAVE_UDP_OFFLOAD
+        if (j - i > 1) {
+            struct cmsghdr *cm = (struct cmsghdr *)(ctl[nmsg].buf + clen);
+            uint16_t gs = (uint16_t)seg;
+            cm->cmsg_level = IPPROTO_UDP;
+            cm->cmsg_type = UDP_SEGMENT;
+            cm->cmsg_len = CMSG_LEN(sizeof(gs));
+            memcpy(CMSG_DATA(cm), &gs, sizeof(gs));
+            clen += CMSG_SPACE(sizeof(gs));
+        }
+#endif
+        if (clen) {
+            h->msg_control = ctl[nmsg].buf;
+            h->msg_controllen = clen;
+        }
+        msgs[nmsg].msg_len = 0;
+        first[nmsg] = i;
+        i = j;
+    }
+    first[nmsg] = n;
+    while (done < nmsg) {
+        int r = sendmmsg(e->udp_fd, msgs + done, nmsg - done, flags);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -776,23 +833,26 @@ static int fp_send_batch(bsd_ovpn_fp_engine *e, struct fp_slot *slots, struct mm
                 waited = 1;
                 continue;
             }
-            /* The datagram at `done` failed (full buffer, unreachable): drop it. */
+            /* The message at `done` failed (full buffer, unreachable): drop it. */
+            uint64_t cnt = (uint64_t)(first[done + 1] - first[done]);
+            if (cnt > 1 && (errno == EIO || errno == EINVAL || errno == ENOPROTOOPT))
+                FP_STORE(&e->gso_ok, 0);    /* this path cannot segment: stop trying */
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
-                c->nomem_data_out++;
+                c->nomem_data_out += cnt;
             else
-                c->lost_data_out++;
+                c->lost_data_out += cnt;
             done++;
             continue;
         }
         waited = 0;
-        for (int i = done; i < done + r; i++) {
+        for (int i = first[done]; i < first[done + r]; i++) {
             c->data_out++;
             c->tunnel_out += slots[i].tunnel_len;
             c->transport_out += slots[i].len + fp_ip_overhead(e, &slots[i]);
         }
         done += r;
     }
-    return done;
+    return n;
 }
 
 static void fp_idle_wait(bsd_ovpn_fp_engine *e, int fd, int timeout_ms)
@@ -860,12 +920,12 @@ static void *fp_tx_main(void *arg)
 
 /* ---- RX ---- */
 
-/* Handle one received datagram (shared lock held).  Returns 1 and sets
- * s->data/s->len to the plaintext when it must be written to the tun. */
-static int fp_decap(bsd_ovpn_fp_engine *e, struct fp_slot *s, struct bsd_ovpn_fp_iface_counters *c)
+/* Handle one received datagram `pkt` from `from` (shared lock held).
+ * Returns 1 and sets out and outlen to what must be written to the tun. */
+static int fp_decap(bsd_ovpn_fp_engine *e, uint8_t *pkt, size_t len,
+                    const struct sockaddr_storage *from, struct bsd_ovpn_fp_iface_counters *c,
+                    uint8_t **out, size_t *outlen)
 {
-    uint8_t *pkt = s->data;
-    size_t len = s->len;
     c->transport_in += len + 8;
     if (len < 8) {
         c->lost_data_in++;          /* steering keeps these on the control socket */
@@ -914,7 +974,7 @@ static int fp_decap(bsd_ovpn_fp_engine *e, struct fp_slot *s, struct bsd_ovpn_fp
     }
     FP_STORE(&p->last_active_ns, fp_now_ns());
     struct fp_addr src;
-    fp_addr_from_sockaddr(&src, &s->name.ss);
+    fp_addr_from_sockaddr(&src, from);
     pthread_mutex_lock(&p->remote_lock);
     if (src.ipver != 0 && !fp_addr_eq(&src, &p->remote)) {
         /* One pending FLOAT per peer, carrying the newest address.  The
@@ -949,17 +1009,32 @@ static int fp_decap(bsd_ovpn_fp_engine *e, struct fp_slot *s, struct bsd_ovpn_fp
         uint32_t af = htonl(v == 4 ? AF_INET : AF_INET6);
         memcpy(pt - 4, &af, 4);
     }
-    s->data = pt - e->tun_hdr;
-    s->len = ptlen + e->tun_hdr;
+    *out = pt - e->tun_hdr;
+    *outlen = ptlen + e->tun_hdr;
     return 1;
+}
+
+/* The segment size of a coalesced (UDP_GRO) datagram, or 0. */
+static size_t fp_gro_size(struct msghdr *h)
+{
+#ifdef FP_HAVE_UDP_OFFLOAD
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(h); cm != NULL; cm = CMSG_NXTHDR(h, cm)) {
+        if (cm->cmsg_level == IPPROTO_UDP && cm->cmsg_type == UDP_GRO) {
+            int v;
+            memcpy(&v, CMSG_DATA(cm), sizeof(v));
+            return v > 0 ? (size_t)v : 0;
+        }
+    }
+#else
+    (void)h;
+#endif
+    return 0;
 }
 
 static void *fp_rx_main(void *arg)
 {
     bsd_ovpn_fp_engine *e = arg;
     struct bsd_ovpn_fp_iface_counters c;
-    uint8_t *out_ptr[FP_BATCH];
-    size_t out_len[FP_BATCH];
     while (!FP_LOAD(&e->stop)) {
         for (int i = 0; i < FP_BATCH; i++) {
             struct fp_slot *s = &e->rx_slots[i];
@@ -971,6 +1046,10 @@ static void *fp_rx_main(void *arg)
             h->msg_iovlen = 1;
             h->msg_name = &s->name;
             h->msg_namelen = sizeof(s->name);
+            if (e->gro_ok) {
+                h->msg_control = s->ctrl.buf;
+                h->msg_controllen = sizeof(s->ctrl.buf);
+            }
         }
         int n = recvmmsg(e->udp_fd, e->rx_msgs, FP_BATCH, MSG_DONTWAIT, NULL);
         if (n <= 0) {
@@ -987,19 +1066,25 @@ static void *fp_rx_main(void *arg)
         fp_rdlock(e);
         for (int i = 0; i < n; i++) {
             struct fp_slot *s = &e->rx_slots[i];
-            s->data = s->buf + 8;
-            s->len = e->rx_msgs[i].msg_len;
-            if (fp_decap(e, s, &c)) {
-                out_ptr[k] = s->data;
-                out_len[k] = s->len;
-                k++;
+            uint8_t *pkt = s->buf + 8;
+            size_t len = e->rx_msgs[i].msg_len;
+            size_t seg = e->gro_ok ? fp_gro_size(&e->rx_msgs[i].msg_hdr) : 0;
+            if (seg == 0 || seg >= len)
+                seg = len;
+            for (size_t off = 0; off < len || (len == 0 && off == 0); off += seg) {
+                size_t l = len - off < seg ? len - off : seg;
+                if (fp_decap(e, pkt + off, l, &s->name.ss, &c, &e->rx_out_ptr[k],
+                             &e->rx_out_len[k]))
+                    k++;
+                if (len == 0)
+                    break;
             }
         }
         fp_unlock(e);
         fp_add_counters(e, &c);     /* before the writes: a reader of the tun sees them */
         uint64_t failed = 0;
         for (int i = 0; i < k; i++) {
-            if (write(e->tun_fd, out_ptr[i], out_len[i]) < 0)
+            if (write(e->tun_fd, e->rx_out_ptr[i], e->rx_out_len[i]) < 0)
                 failed++;
         }
         if (failed)
@@ -1033,6 +1118,7 @@ bsd_ovpn_fp_engine *bsd_ovpn_fp_new(void)
     e->stop_pipe[0] = e->stop_pipe[1] = e->ev_pipe[0] = e->ev_pipe[1] = -1;
     e->rotate_threshold = (uint64_t)1 << 31;
     e->link_up = 1;
+    e->offload_allowed = 1;
     int ok = e->by_id && e->by_v4 && e->by_v6 && e->routes &&
              pipe(e->ev_pipe) == 0 && pipe(e->stop_pipe) == 0;
     for (int i = 0; ok && i < FP_BATCH; i++) {
@@ -1121,6 +1207,15 @@ int bsd_ovpn_fp_attach(bsd_ovpn_fp_engine *e, int udp_fd, int tun_fd, int tun_hd
         e->pktinfo_ok = ((struct sockaddr_in *)&ss)->sin_addr.s_addr == htonl(INADDR_ANY);
     else
         e->pktinfo_ok = IN6_IS_ADDR_UNSPECIFIED(&((struct sockaddr_in6 *)&ss)->sin6_addr);
+    e->gso_ok = e->gro_ok = 0;
+#ifdef FP_HAVE_UDP_OFFLOAD
+    if (e->offload_allowed) {
+        int one = 1, v = 0;
+        socklen_t vl = sizeof(v);
+        e->gso_ok = getsockopt(udp_fd, IPPROTO_UDP, UDP_SEGMENT, &v, &vl) == 0;
+        e->gro_ok = setsockopt(udp_fd, IPPROTO_UDP, UDP_GRO, &one, sizeof(one)) == 0;
+    }
+#endif
     fp_unlock(e);
     FP_STORE(&e->stop, 0);
     int err = pthread_create(&e->tx_thread, NULL, fp_tx_main, e);
@@ -1406,6 +1501,16 @@ void bsd_ovpn_fp_set_replay_protection(bsd_ovpn_fp_engine *e, int on)
 void bsd_ovpn_fp_set_rotate_threshold(bsd_ovpn_fp_engine *e, uint64_t threshold)
 {
     FP_STORE(&e->rotate_threshold, threshold);
+}
+
+void bsd_ovpn_fp_set_offload(bsd_ovpn_fp_engine *e, int on)
+{
+    e->offload_allowed = on ? 1 : 0;
+}
+
+int bsd_ovpn_fp_offload_state(bsd_ovpn_fp_engine *e)
+{
+    return (FP_LOAD(&e->gso_ok) ? 1 : 0) | (e->gro_ok ? 2 : 0);
 }
 
 void bsd_ovpn_fp_set_running(bsd_ovpn_fp_engine *e, int up)

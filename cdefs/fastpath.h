@@ -86,6 +86,11 @@ int bsd_ovpn_fp_peer_count(bsd_ovpn_fp_engine *e);
 
 void bsd_ovpn_fp_set_replay_protection(bsd_ovpn_fp_engine *e, int on);
 void bsd_ovpn_fp_set_rotate_threshold(bsd_ovpn_fp_engine *e, uint64_t threshold);
+/* UDP segmentation offload (Linux UDP_SEGMENT / UDP_GRO), used when the
+ * kernel has it; set_offload(0) before attach keeps one datagram per send
+ * and receive.  offload_state: bit 0 = GSO in use, bit 1 = GRO in use. */
+void bsd_ovpn_fp_set_offload(bsd_ovpn_fp_engine *e, int on);
+int bsd_ovpn_fp_offload_state(bsd_ovpn_fp_engine *e);
 /* Link state (START_VPN): while down, tun packets are counted lost_data out. */
 void bsd_ovpn_fp_set_running(bsd_ovpn_fp_engine *e, int up);
 

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="group allowed to use the engine (socket mode 0660; default: root only, 0600)")
     ap.add_argument("--no-replay-protection", action="store_true",
                     help="accept replayed data packets (the FreeBSD kernel's default)")
+    ap.add_argument("--dataplane", choices=("auto", "python", "fast"), default="auto",
+                    help="packet mover: the C fast path, the Python one, or auto (C if it loads)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     os.makedirs(os.path.dirname(os.path.abspath(args.socket)), exist_ok=True)
     try:
-        daemon = EngineDaemon(args.socket, group=args.group)
+        daemon = EngineDaemon(args.socket, group=args.group, dataplane=args.dataplane)
     except (RuntimeError, KeyError, OSError) as exc:
         print(f"bsd_ovpn engine: {exc}", file=sys.stderr)
         return 1

@@ -320,6 +320,9 @@ class Engine:
             self.host.unhook_socket(name, ifs.dataplane)
             ifs.socket = None
         ifs.dataplane.detach()
+        close = getattr(ifs.dataplane, "close", None)     # the C data plane frees its engine
+        if close is not None:
+            close()
         del self.interfaces[name]
         self.host.destroy_link(name)
         return 0

@@ -48,6 +48,21 @@ SOCK_BUF = 8 << 20               # replies to GET_PEER_STATS can be large
 ROUTE_REFRESH = 1.0
 
 
+def dataplane_factory(kind: str = "auto") -> Callable[[], DataPlane]:
+    """``"python"``, ``"fast"`` (H7's C data plane) or ``"auto"``: fast when it loads."""
+    if kind == "python":
+        return PythonDataPlane
+    try:
+        from bsd_ovpn.engine.fastpath import FastDataPlane
+        FastDataPlane().close()                 # the native module is there and works
+    except Exception as exc:
+        if kind == "fast":
+            raise RuntimeError(f"the C data plane is not available: {exc}") from exc
+        log.info("engine: C data plane unavailable (%s); using the Python one", exc)
+        return PythonDataPlane
+    return FastDataPlane
+
+
 class LinuxHost:
     """The engine's :class:`~bsd_ovpn.engine.commands.Host` on Linux."""
 
@@ -152,9 +167,9 @@ class EngineDaemon:
     """Accepts clients and runs their requests against one :class:`Engine`."""
 
     def __init__(self, socket_path: str, *, group: str | None = None,
-                 engine: Engine | None = None) -> None:
+                 engine: Engine | None = None, dataplane: str = "auto") -> None:
         self.path = socket_path
-        self.engine = engine or Engine(LinuxHost())
+        self.engine = engine or Engine(LinuxHost(dataplane_factory(dataplane)))
         self.sel = selectors.DefaultSelector()
         self._stop = False
         gid = grp.getgrnam(group).gr_gid if group else None
@@ -287,8 +302,8 @@ class EngineDaemon:
         return REP.pack(MAGIC, E.EOPNOTSUPP)
 
 
-def run(socket_path: str, *, group: str | None = None) -> None:
-    daemon = EngineDaemon(socket_path, group=group)
+def run(socket_path: str, *, group: str | None = None, dataplane: str = "auto") -> None:
+    daemon = EngineDaemon(socket_path, group=group, dataplane=dataplane)
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     daemon.serve_forever()

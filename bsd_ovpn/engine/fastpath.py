@@ -63,6 +63,7 @@ class FastDataPlane:
         self._c.set_replay_protection(True)
         self._c.set_rotate_threshold(SEQ_ROTATE)
         self._fds: tuple[int, int] | None = None
+        self._offload = True
 
     # -- switches (plain attributes in the protocol) -------------------------
     @property
@@ -82,6 +83,20 @@ class FastDataPlane:
     def rotate_threshold(self, value: int) -> None:
         self._c.set_rotate_threshold(int(value))
         self._rotate = int(value)
+
+    @property
+    def offload(self) -> bool:
+        """Use UDP GSO/GRO when the kernel has them (default True; takes effect at attach)."""
+        return self._offload
+
+    @offload.setter
+    def offload(self, on: bool) -> None:
+        self._offload = bool(on)
+        self._c.set_offload(self._offload)
+
+    def offload_state(self) -> tuple[bool, bool]:
+        """(GSO in use, GRO in use) for the attached socket."""
+        return self._c.offload_state()
 
     @property
     def event_fd(self) -> int:
@@ -246,6 +261,7 @@ def run_manual(argv: list[str] | None = None) -> int:
     for name in ("enc-key", "enc-iv", "dec-key", "dec-iv"):
         ap.add_argument(f"--{name}", default="", help="hex")
     ap.add_argument("--extra-peers", type=int, default=0)
+    ap.add_argument("--no-offload", action="store_true", help="no UDP GSO/GRO")
     args = ap.parse_args(argv)
 
     bind, remote = _hostport(args.bind), _hostport(args.remote)
@@ -273,12 +289,15 @@ def run_manual(argv: list[str] | None = None) -> int:
             n = 0 if args.cipher == "none" else len(bytes.fromhex(args.enc_key))
             dp.set_key(pid, 0, 0, args.cipher, os.urandom(n), os.urandom(8) if n else b"",
                        os.urandom(n), os.urandom(8) if n else b"")
+        dp.offload = not args.no_offload
         dp.attach(udp.fileno(), dev.fd)
         dp.set_running(True)
         dev.set_up()
         for cidr in args.tun_addr:
             tunmod._ip("addr", "add", cidr, "dev", dev.name)
-        print("READY " + json.dumps({"peers": dp.peer_count(), **_memory_kb()}), flush=True)
+        gso, gro = dp.offload_state()
+        print("READY " + json.dumps({"peers": dp.peer_count(), "gso": gso, "gro": gro,
+                                     **_memory_kb()}), flush=True)
         try:
             while sys.stdin.readline():
                 pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import enum
 import struct
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -85,16 +86,13 @@ class PacketIdExhaustedError(LocalProtocolError):
 
 # --------------------------------------------------------------------------- headers
 
-class DataHeader(tuple):  # noqa: D101 - a plain named result, no behaviour
-    __slots__ = ()
+class DataHeader(NamedTuple):
+    """What the first bytes of a data packet say (enough to route it to a key)."""
 
-    def __new__(cls, opcode: int, key_id: int, peer_id: int | None, size: int) -> DataHeader:
-        return tuple.__new__(cls, (opcode, key_id, peer_id, size))
-
-    opcode = property(lambda self: self[0], doc="P_DATA_V1 (6) or P_DATA_V2 (9)")
-    key_id = property(lambda self: self[1], doc="key_id 0..7")
-    peer_id = property(lambda self: self[2], doc="24-bit peer id (V2) or None (V1)")
-    size = property(lambda self: self[3], doc="header length: 1 or 4")
+    opcode: int            # P_DATA_V1 (6) or P_DATA_V2 (9)
+    key_id: int            # 0..7
+    peer_id: int | None    # 24-bit peer id (V2) or None (V1)
+    size: int              # header length: 1 or 4
 
 
 def data_header(opcode_key_id: int, peer_id: int | None) -> bytes:

@@ -80,9 +80,11 @@ def read_key_text(path: str | os.PathLike[str]) -> str:
     try:
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
-            raw = fh.read(1 << 20)
+            raw = fh.read((1 << 20) + 1)
     except OSError as exc:
         raise KeyFileError(f"cannot read key file: {exc.strerror or exc}", path) from None
+    if len(raw) > 1 << 20:
+        raise KeyFileError("larger than 1 MiB: not a key file", path)
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("key file %s is group or others accessible (mode %o); chmod 600 it",
                     path, stat.S_IMODE(st.st_mode))

@@ -14,6 +14,7 @@ clients has one context).
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,7 +257,8 @@ class TLSConfig:
     def _verify_callback(self, conn: SSL.Connection, cert: crypto.X509, errnum: int,
                          depth: int, ok: int) -> bool:
         """OpenSSL's chain verdict plus OpenVPN's leaf checks; records why it failed."""
-        channel = conn.get_app_data()
+        ref = conn.get_app_data()
+        channel = ref() if isinstance(ref, weakref.ref) else None
         try:
             ccert = cert.to_cryptography()
             if not ok:
@@ -340,7 +342,8 @@ class TLSChannel:
         self.config = config
         self.server = server
         self._conn = SSL.Connection(config.context(server), None)
-        self._conn.set_app_data(self)
+        # A weak reference: no cycle, so a dropped channel frees its SSL at once.
+        self._conn.set_app_data(weakref.ref(self))
         self._verify_failure: str | None = None
         self._pending: list[bytes] = []
         self._failed: TLSError | None = None

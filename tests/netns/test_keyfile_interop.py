@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -20,9 +21,12 @@ from bsd_ovpn.proto.keyfile import (
     StaticKey, TLSCryptV2ClientKey, TLSCryptV2ServerKey, generate_tls_crypt_v2_client_key,
     unwrap_client_key,
 )
-from bsd_ovpn.proto.packet import ControlPacket, Opcode
+from bsd_ovpn.proto.packet import (
+    EARLY_NEG_FLAG_RESEND_WKC, TLV_EARLY_NEG_FLAGS, ControlPacket, Opcode, encode_tlvs,
+)
 from bsd_ovpn.proto.wrap import (
-    ControlWrap, NoWrap, TLSAuth, TLSCrypt, TLSCryptV2Client,
+    ControlWrap, NoWrap, TLSAuth, TLSCrypt, TLSCryptV2Client, TLSCryptV2Server,
+    early_negotiation_marker,
 )
 from bsd_ovpn.testbed.pki import PKI
 
@@ -173,3 +177,127 @@ def test_tls_crypt_v2_real_client_key_unwraps_and_is_used(server, tmp_path):
     srv = server("--tls-crypt-v2", "srv.key")
     _handshake(srv, TLSCryptV2Client(ck), Opcode.P_CONTROL_HARD_RESET_CLIENT_V3)
 
+
+
+# --- the other direction: a stock openvpn *client* talks to our receiving side ---------------
+
+class _Client:
+    """A stock openvpn p2p TLS client (dev null) sending to a UDP socket we own."""
+
+    def __init__(self, workdir: Path, pki: PKI, extra: list[str]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(10)
+        port = self.sock.getsockname()[1]
+        cli = pki.client()
+        self.log = workdir / f"openvpn-client-{port}.log"
+        args = ["openvpn", "--dev", "null", "--tls-client", "--ca", str(pki.ca_path),
+                "--cert", str(cli.cert_path), "--key", str(cli.key_path),
+                "--remote", "127.0.0.1", str(port), "--nobind", "--verb", "4", *extra]
+        self.proc = subprocess.Popen(args, cwd=workdir, stdout=open(self.log, "wb"),
+                                     stderr=subprocess.STDOUT)
+
+    def recv(self) -> tuple[bytes, tuple]:
+        try:
+            return self.sock.recvfrom(4096)
+        except socket.timeout:
+            pytest.fail(f"nothing from openvpn client:\n{self.log.read_text(errors='replace')}")
+
+    def stop(self) -> None:
+        self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def client(tmp_path, pki):
+    started: list[_Client] = []
+
+    def start(*extra: str) -> _Client:
+        c = _Client(tmp_path, pki, list(extra))
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+def _serve_reset(cli: _Client, addr: tuple, plain: bytes, wrap: ControlWrap,
+                 payload: bytes = b"", raw: list[bytes] | None = None) -> ControlPacket:
+    """Answer the stock client's reset and return its next packet (the ClientHello)."""
+    reset = ControlPacket.decode(plain)
+    ssid = os.urandom(8)
+    reply = ControlPacket(Opcode.P_CONTROL_HARD_RESET_SERVER_V2, 0, ssid, acks=(0,),
+                          remote_session_id=reset.session_id, message_id=0, payload=payload)
+    cli.sock.sendto(wrap.wrap(reply.encode(), time.time()), addr)
+    while True:
+        data, _ = cli.recv()
+        if raw is not None:
+            raw.append(data)
+        pkt = ControlPacket.decode(wrap.unwrap(data, time.time()))
+        if pkt.opcode in (Opcode.P_CONTROL_HARD_RESET_CLIENT_V2,
+                          Opcode.P_CONTROL_HARD_RESET_CLIENT_V3):
+            continue                      # a retransmitted reset that crossed our reply
+        assert pkt.session_id == reset.session_id
+        assert 0 in pkt.acks and pkt.remote_session_id == ssid
+        assert pkt.message_id == 1 and pkt.payload[:1] == b"\x16"     # TLS handshake record
+        return pkt
+
+
+def test_stock_client_tls_crypt_to_our_server_side(client, tmp_path):
+    key = StaticKey.generate()
+    key.save(tmp_path / "tc.key")
+    cli = client("--tls-crypt", "tc.key")
+    wrap = TLSCrypt(key, server=True)
+    data, addr = cli.recv()
+    assert len(data) == 54                                  # spec §3.4 worked size
+    plain = wrap.unwrap(data, time.time())
+    assert ControlPacket.decode(plain).opcode is Opcode.P_CONTROL_HARD_RESET_CLIENT_V2
+    _serve_reset(cli, addr, plain, wrap)
+
+
+@pytest.mark.parametrize("digest,size", [("SHA1", 42), ("SHA512", 86)])
+def test_stock_client_tls_auth_to_our_server_side(client, tmp_path, digest, size):
+    key = StaticKey.generate()
+    key.save(tmp_path / "ta.key")
+    cli = client("--tls-auth", "ta.key", "1", "--auth", digest)
+    wrap = TLSAuth(key, 0, digest)
+    data, addr = cli.recv()
+    assert len(data) == size
+    _serve_reset(cli, addr, wrap.unwrap(data, time.time()), wrap)
+
+
+def test_stock_client_plain_reset_is_14_bytes(client):
+    cli = client()
+    data, addr = cli.recv()
+    assert len(data) == 14
+    _serve_reset(cli, addr, NoWrap().unwrap(data, time.time()), NoWrap())
+
+
+@pytest.mark.parametrize("resend_wkc", [False, True])
+def test_stock_tls_crypt_v2_client_to_our_server(client, tmp_path, resend_wkc):
+    sk = TLSCryptV2ServerKey.generate()
+    sk.save(tmp_path / "srv.key")
+    subprocess.run(["openvpn", "--tls-crypt-v2", "srv.key", "--genkey", "tls-crypt-v2-client",
+                    "cli.key"], cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    ck = TLSCryptV2ClientKey.load(tmp_path / "cli.key")
+    cli = client("--tls-crypt-v2", "cli.key")
+    data, addr = cli.recv()
+    assert data.endswith(ck.wkc) and len(data) == 54 + len(ck.wkc)
+    assert early_negotiation_marker(data)
+    plain, sess, meta = TLSCryptV2Server(sk).unwrap_client(data, time.time())
+    assert ControlPacket.decode(plain).opcode is Opcode.P_CONTROL_HARD_RESET_CLIENT_V3
+    assert sess.kc == ck.kc and meta[0] == 1
+    payload = encode_tlvs([(TLV_EARLY_NEG_FLAGS, struct.pack(">H", EARLY_NEG_FLAG_RESEND_WKC))])
+    raw: list[bytes] = []
+    pkt = _serve_reset(cli, addr, plain, sess, payload if resend_wkc else b"", raw)
+    if resend_wkc:   # spec §6.1 step 6: message id 1 goes out as P_CONTROL_WKC_V1 + WKc
+        assert pkt.opcode is Opcode.P_CONTROL_WKC_V1 and raw[-1].endswith(ck.wkc)
+    else:            # without the flag the next packet is a plain P_CONTROL_V1
+        assert pkt.opcode is Opcode.P_CONTROL_V1 and not raw[-1].endswith(ck.wkc)

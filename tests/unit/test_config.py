@@ -523,3 +523,32 @@ def test_stock_spec_configs_parse(tmp_path):
     assert c.remotes == [Remote("127.0.0.1", 1194, "udp")]
     assert not isinstance(s.new_control_wrap(), TLSCryptV2Client)
     assert s.new_control_wrap().server and not c.new_control_wrap().server
+
+
+# --- fuzz: only ConfigError escapes ---------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_WORDS = st.sampled_from(["client", "dev", "tun", "remote", "192.0.2.1", "port", "1194", "server",
+                          "198.51.100.0", "255.255.255.0", "push", '"route', "<ca>", "</ca>",
+                          "keepalive", "10", "60", "\\", "'", '"', "#", "ca", "x\0y", "-1",
+                          "99999999999999999999", "٣", "route-ipv6", "2001:db8::/64", "cd",
+                          "config", "tls-auth", "ifconfig-pool", "topology", "subnet", "\n"])
+
+
+@given(st.lists(st.lists(_WORDS, max_size=5).map(" ".join), max_size=8).map("\n".join))
+@settings(max_examples=400, deadline=None)
+def test_fuzz_loads_only_config_error(text):
+    try:
+        loads(text, "/nonexistent/fuzz.conf")
+    except ConfigError:
+        pass
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=400, deadline=None)
+def test_fuzz_split_line_only_tokenize_error(line):
+    try:
+        split_line(line)
+    except TokenizeError:
+        pass

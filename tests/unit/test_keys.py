@@ -119,3 +119,29 @@ def test_data_keys_validates_lengths_and_hides_keys() -> None:
     k = split_key2(KEY2, "AES-256-GCM", server=True, key_id=1)
     assert KEY2[128:160].hex() not in repr(k)
     assert hashlib.sha256(k.encrypt_key).digest() != hashlib.sha256(k.decrypt_key).digest()
+
+
+def test_prf_key2_matches_stock_openvpn_server() -> None:
+    """Real vector: stock OpenVPN 2.6.14 server (verb 9) and our client without EKM.
+
+    Key sources, both session ids (the server's is its stateless cookie) and the
+    resulting keys are the server's own log lines: "Outgoing/Incoming Data Channel:
+    CIPHER KEY" and the implicit IV tail of its "ENCRYPT IV" line.
+    """
+    h = bytes.fromhex
+    client = KeySource(
+        h("02affa704759cd964210aaeb62e87cbd5b93cde8c96ba9291a690d083446d6e8"
+          "c6363f4a7d4223a60ab907f676e9624e"),
+        h("9ad5d331ae845fb581913ae743ce379ce0090e9d8f9c6b3bb57c625b1a4ebc52"),
+        h("9041f3e81669464e38d1ba563b61323b89a0f4a4a8f633c33ea7d61a78effb8d"))
+    server = KeySource(
+        b"",
+        h("f0d227d0a905eb9e1c17a8fa7df4ca578f4fbe9a9dfc0174f5c93d735f5ca40e"),
+        h("2093209c11d0e15c1dc398ff33b610993c7746119a8c7c51fbd1ac2351ff3d0e"))
+    key2 = derive_key2_prf(client, server, h("fa18c7bcae50b7fa"), h("88f4d2147ab0cbd1"))
+    srv = split_key2(key2, "AES-256-GCM", server=True, key_id=0)
+    assert srv.encrypt_key.hex() == (
+        "25b5768bcca377a450b8e761a9dce87d443e5483591b85c74bbb71d05e92aaa5")   # Outgoing
+    assert srv.encrypt_iv.hex() == "9683cd8e1a10dd25"                          # ENCRYPT IV
+    assert srv.decrypt_key.hex() == (
+        "458ca4480250e8f210bad40b0d0b48c60783a6f640d9b40b85367162dd860908")   # Incoming

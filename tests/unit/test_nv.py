@@ -579,27 +579,38 @@ def test_accessors_return_typed_values() -> None:
 
 @pytest.mark.parametrize("call, message", [
     (lambda: REPLY.get_number("missing"),
-     "field 'missing': expected a number pair, found no pair with that name"),
+     "field 'missing': expected a pair of type number, found no pair with that name"),
     (lambda: REPLY.get_number("cipher"),
-     "field 'cipher': expected a number pair, found a pair of type string"),
-    (lambda: REPLY.get_number("up"), "expected a number pair, found a pair of type bool"),
-    (lambda: REPLY.get_number("peerid", hi=6), "field 'peerid': expected a number in [0, 6], found 7"),
+     "field 'cipher': expected a pair of type number, found a pair of type string"),
+    (lambda: REPLY.get_number("up"), "expected a pair of type number, found a pair of type bool"),
+    (lambda: REPLY.get_number("peerid", hi=6),
+     "field 'peerid': expected a number in [0, 6], found 7"),
     (lambda: REPLY.get_number("peerid", lo=8), "expected a number in [8, "),
-    (lambda: REPLY.get_string("key"), "expected a string pair, found a pair of type binary"),
+    (lambda: REPLY.get_string("key"),
+     "expected a pair of type string, found a pair of type binary"),
     (lambda: REPLY.get_binary("key", size=16),
      "field 'key': expected a binary of 16 bytes, found a binary of 32 bytes"),
     (lambda: REPLY.get_binary("key", size=(8, 16)), "expected a binary of 8 or 16 bytes"),
-    (lambda: REPLY.get_bool("peerid"), "expected a bool pair, found a pair of type number"),
-    (lambda: REPLY.get_nvlist("peers"), "expected a nvlist pair, found a pair of type nvlist_array"),
-    (lambda: REPLY.get_nvlist_array("remote"), "expected a nvlist_array pair"),
-    (lambda: REPLY.get_descriptor("peerid"), "expected a descriptor pair"),
-    (lambda: REPLY.get_number_array("peerid"), "expected a number_array pair"),
+    (lambda: REPLY.get_bool("peerid"), "expected a pair of type bool, found a pair of type number"),
+    (lambda: REPLY.get_nvlist("peers"),
+     "expected a pair of type nvlist, found a pair of type nvlist_array"),
+    (lambda: REPLY.get_nvlist_array("remote"), "expected a pair of type nvlist_array"),
+    (lambda: REPLY.get_descriptor("peerid"), "expected a pair of type descriptor"),
+    (lambda: REPLY.get_number_array("peerid"), "expected a pair of type number_array"),
 ])
 def test_accessor_errors_name_field_expectation_and_finding(call, message: str) -> None:
     with pytest.raises(NVFieldError) as info:
         call()
     assert message in str(info.value)
     assert isinstance(info.value, NVError) and info.value.name
+
+
+def test_errors_survive_pickling() -> None:
+    import pickle
+    err = pickle.loads(pickle.dumps(NVError("bad", 7)))
+    assert (err.reason, err.offset, str(err)) == ("bad", 7, str(NVError("bad", 7)))
+    field = pickle.loads(pickle.dumps(NVFieldError("x", "a number", "nothing")))
+    assert (field.name, field.expected, field.found) == ("x", "a number", "nothing")
 
 
 def test_accessor_errors_never_show_binary_contents() -> None:

@@ -115,6 +115,16 @@ def test_tls12_handshake_and_ekm(pki: PKI) -> None:
         EKM_LABEL, 256)
 
 
+def test_tls12_with_rsa_certificates_uses_ecdhe_rsa(pki: PKI) -> None:
+    from OpenSSL import SSL
+    srv_cfg = _cfg(pki, pki.server("rsa-server", key_type="rsa"))
+    cli_cfg = _cfg(pki, pki.client("rsa-client", key_type="rsa"))
+    cli_cfg.context(False).set_max_proto_version(SSL.TLS1_2_VERSION)
+    srv, cli = _connect(srv_cfg, cli_cfg)
+    assert srv.version == "TLSv1.2" and (srv.cipher_name or "").startswith("ECDHE-RSA-")
+    assert srv.peer_common_name == "rsa-client"
+
+
 def test_tls13_min_version_refuses_tls12_peer(pki: PKI) -> None:
     from OpenSSL import SSL
     cli_cfg = _cfg(pki, pki.client())

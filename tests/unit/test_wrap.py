@@ -75,6 +75,10 @@ def test_worked_sizes_tls_crypt():
     assert w[0] == 0x38 and w[1:9] == CSID
     assert w[9:17] == struct.pack(">II", 1, int(T0))
     assert len(s.wrap(SERVER_RESET.encode(), T0)) == 66
+    with_tlv = ControlPacket(Opcode.P_CONTROL_HARD_RESET_SERVER_V2, 0, SSID, acks=(0,),
+                             remote_session_id=CSID, message_id=0,
+                             payload=bytes.fromhex("000100020001"))
+    assert len(s.wrap(with_tlv.encode(), T0)) == 72          # spec §6.4: +6 with the TLV
 
 
 def test_tls_auth_layout_independently_computed():
@@ -327,3 +331,27 @@ def test_dynamic_tls_crypt():
     assert TLSCrypt(StaticKey(ekm), False).unwrap(plain_key.wrap(_ctl(0), T0), T0)
     with pytest.raises(LocalProtocolError):
         dynamic_tls_crypt(b"short", KEY, True)
+
+
+# --- fuzz: only WrapError escapes from unwrapping -----------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=400, deadline=None)
+def test_fuzz_unwrap_only_wrap_error(data):
+    sk, ck = _v2_keys()
+    receivers = [TLSAuth(KEY, 0), TLSAuth(KEY, None, "SHA512"), TLSCrypt(KEY, True),
+                 TLSCryptV2Client(ck), NoWrap()]
+    for rx in receivers:
+        for fn in (rx.unwrap, rx.unwrap_stateless):
+            try:
+                fn(data, T0)
+            except WrapError:
+                pass
+    for first in (0x50, 0x58):
+        try:
+            TLSCryptV2Server(sk).unwrap_client(bytes([first]) + data, T0)
+        except WrapError:
+            pass

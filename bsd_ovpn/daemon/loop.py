@@ -1,0 +1,285 @@
+"""Event-loop glue shared by ``ovpnctl server`` and ``ovpnctl client``.
+
+Two small things live here:
+
+* :class:`DataChannel` -- **the one place** where session events become
+  if_ovpn calls (NEW_PEER, SET_PEER, NEW_KEY + START_VPN, SWAP_KEYS, DEL_KEY,
+  DEL_PEER) and where notifications are drained.  The server and the client
+  only decide *when*; the slot dance itself comes from the session's events
+  (dco spec §4.4), never re-derived here.
+* :class:`Loop` -- a ``selectors`` loop with deadlines, signals delivered as
+  ordinary callbacks (``signal.set_wakeup_fd``), and a thread-safe
+  ``call_soon`` so worker threads (auth scripts) hand results back to the
+  single thread that owns the sessions.
+
+Everything protocol-ish stays in :mod:`bsd_ovpn.proto`; everything kernel-ish
+in :mod:`bsd_ovpn.interface`.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from bsd_ovpn.errors import IfOvpnError, OvpnError
+from bsd_ovpn.ifovpn import KeySlot
+from bsd_ovpn.interface import Interface, KeyMaterial, Notification, PeerStats
+from bsd_ovpn.proto import events as ev
+
+log = logging.getLogger("bsd_ovpn.daemon")
+
+#: notifications are drained after every UDP wake-up and at least this often
+DRAIN_INTERVAL = 1.0
+RECV_SIZE = 65535
+#: datagrams read per wake-up before timers get a turn (fairness, not a limit)
+MAX_READS_PER_WAKEUP = 256
+
+
+class DaemonError(OvpnError):
+    """The daemon cannot start or continue; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------- if_ovpn glue
+
+class DataChannel:
+    """Session events -> if_ovpn calls on one interface, for any number of peers.
+
+    ``sock`` is the UDP socket the control channel uses; NEW_PEER hands it to
+    the kernel (or the engine), which then eats P_DATA_V2 for known peer ids.
+    """
+
+    def __init__(self, ifc: Interface, sock: Any) -> None:
+        self.ifc = ifc
+        self.sock = sock
+        self.peers: set[int] = set()
+        self.keepalive: dict[int, tuple[int, int]] = {}
+        self.last_stats: dict[int, PeerStats] = {}
+
+    # -- peers
+    def new_peer(self, peer_id: int, remote: Any, *, vpn_ipv4: Any = None,
+                 vpn_ipv6: Any = None) -> None:
+        self.ifc.new_peer(peer_id, self.sock, remote, vpn_ipv4=vpn_ipv4,
+                          vpn_ipv6=vpn_ipv6)
+        self.peers.add(peer_id)
+
+    def set_keepalive(self, peer_id: int, interval: int, timeout: int) -> None:
+        """OVPN_SET_PEER; skipped when both are 0 (the kernel default)."""
+        interval, timeout = int(interval), int(timeout)
+        if peer_id not in self.peers or (interval == 0 and timeout == 0):
+            return
+        self.ifc.set_peer(peer_id, interval, timeout)
+        self.keepalive[peer_id] = (interval, timeout)
+
+    def del_peer(self, peer_id: int) -> None:
+        """OVPN_DEL_PEER for a peer we added; ENOENT (already gone) is fine."""
+        if peer_id not in self.peers:
+            return
+        self.peers.discard(peer_id)
+        self.keepalive.pop(peer_id, None)
+        try:
+            self.ifc.del_peer(peer_id)
+        except IfOvpnError as exc:
+            if exc.errno != _errno.ENOENT:
+                raise
+
+    def forget(self, peer_id: int) -> None:
+        """The kernel already deleted the peer (DEL_PEER notification)."""
+        self.peers.discard(peer_id)
+        self.keepalive.pop(peer_id, None)
+
+    # -- keys: the session says which slot; we only translate
+    def apply(self, peer_id: int, event: ev.Event) -> bool:
+        """Turn one key event into its if_ovpn call; False if ``event`` is not a key event."""
+        if isinstance(event, ev.KeysReady):
+            k = event.keys
+            self.ifc.new_key(peer_id, event.slot, event.key_id, k.cipher,
+                             encrypt=KeyMaterial(k.encrypt_key, k.encrypt_iv),
+                             decrypt=KeyMaterial(k.decrypt_key, k.decrypt_iv))
+            self.ifc.start_vpn()            # as OpenVPN: after every NEW_KEY
+            return True
+        if isinstance(event, ev.SwapKeys):
+            if peer_id in self.peers:
+                self.ifc.swap_keys(peer_id)
+            return True
+        if isinstance(event, ev.DeleteKey):
+            if peer_id in self.peers:
+                self.ifc.del_key(peer_id, KeySlot(event.slot))
+            return True
+        return False
+
+    # -- kernel -> us
+    def drain(self) -> list[Notification]:
+        """Every queued notification (GET_PKT until ENOENT)."""
+        try:
+            return self.ifc.notifications()
+        except (IfOvpnError, OvpnError) as exc:
+            log.warning("reading if_ovpn notifications failed: %s", exc)
+            return []
+
+    def stats(self) -> dict[int, PeerStats]:
+        """GET_PEER_STATS; on failure the last answer (status must not kill the daemon)."""
+        try:
+            self.last_stats = self.ifc.peer_stats()
+        except (IfOvpnError, OvpnError) as exc:
+            log.warning("GET_PEER_STATS failed: %s", exc)
+        return self.last_stats
+
+
+# --------------------------------------------------------------------------- interface
+
+def create_interface(transport: Any, dev: str, *, ifmode: str) -> Interface:
+    """Clone the interface the way OpenVPN names it: ``dev tun`` -> first free tunN,
+    any other name exactly; ``ovpn`` lets the kernel pick ovpnN."""
+    if dev == "ovpn":
+        return Interface.create("ovpn", ifmode=ifmode, transport=transport)
+    candidates = [f"tun{n}" for n in range(256)] if dev == "tun" else [dev]
+    last: Exception | None = None
+    for name in candidates:
+        try:
+            return Interface.create("ovpn", rename_to=name, ifmode=ifmode, transport=transport)
+        except IfOvpnError as exc:
+            if exc.errno != _errno.EEXIST:
+                raise
+            last = exc
+    raise DaemonError(f"cannot create interface {dev}: every name is taken ({last})")
+
+
+# --------------------------------------------------------------------------- the loop
+
+class Loop:
+    """A selectors loop: readers, one deadline callback, signals, thread hand-off."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self._soon: deque[Callable[[], None]] = deque()
+        self._signals: deque[int] = deque()
+        self._old_handlers: dict[int, Any] = {}
+        self._old_wakeup: int | None = None
+        self.stopped = False
+
+    # -- registration
+    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+        self.sel.register(fileobj, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fileobj: Any) -> None:
+        try:
+            self.sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        self._soon.append(fn)
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def handle_signals(self, signums: list[int], callback: Callable[[int], None]) -> None:
+        """Deliver ``signums`` to ``callback`` from the loop thread (never mid-update)."""
+        self._signal_cb = callback
+
+        def note(signum: int, _frame: Any) -> None:
+            self._signals.append(signum)
+
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for s in signums:
+            self._old_handlers[s] = signal.signal(s, note)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- running
+    def run(self, deadline: Callable[[], float | None], on_wake: Callable[[float], None]) -> None:
+        """Run until :meth:`stop`; ``on_wake(now)`` runs after every wake-up (timers,
+        notifications); ``deadline()`` says when the next wake-up is due at the latest."""
+        while not self.stopped:
+            now = self.clock()
+            d = deadline()
+            timeout = DRAIN_INTERVAL if d is None else max(0.0, min(d - now, DRAIN_INTERVAL))
+            if self._soon or self._signals:
+                timeout = 0.0
+            for key, _mask in self.sel.select(timeout):
+                key.data()
+            while self._signals:
+                self._signal_cb(self._signals.popleft())
+            while self._soon:
+                self._soon.popleft()()
+            on_wake(self.clock())
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def close(self) -> None:
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
+        self._old_handlers.clear()
+        if self._old_wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            self._old_wakeup = None
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def read_datagrams(sock: socket.socket) -> list[tuple[bytes, Any]]:
+    """Everything readable now.  EAGAIN (also the kernel's spurious wake-up that
+    announces a notification) ends the batch; ICMP errors are skipped."""
+    out: list[tuple[bytes, Any]] = []
+    for _ in range(MAX_READS_PER_WAKEUP):
+        try:
+            data, addr = sock.recvfrom(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as exc:
+            log.debug("recvfrom: %s", exc)       # e.g. ECONNREFUSED from an ICMP error
+            continue
+        out.append((data, addr))
+    return out
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """``user``/``group`` directives: switch ids after everything privileged is set up."""
+    import grp
+    import pwd
+
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError as exc:
+            raise DaemonError(f"group {group!r} does not exist") from exc
+        os.setgroups([gid])
+        os.setgid(gid)
+    if user:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError as exc:
+            raise DaemonError(f"user {user!r} does not exist") from exc
+        if not group:
+            os.setgroups([pw.pw_gid])
+            os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    if user or group:
+        log.info("dropped privileges to user %s group %s", user or "-", group or "-")
+
+
+def thread(target: Callable[[], None], name: str) -> threading.Thread:
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    return t
