@@ -58,7 +58,8 @@ _V6 = re.compile(r"^\[([^\]]+)\]:(\d+)$")
 
 def parse_hostport(text: str, option: str, *, allow_wildcard: bool = False) -> HostPort:
     """``192.0.2.1:1194``, ``[2001:db8::1]:1194``, ``[fe80::1%eth0]:1194``;
-    with ``allow_wildcard`` also ``:1194`` (any address)."""
+    with ``allow_wildcard`` (a local address) also ``:1194`` (any address)
+    and port 0 (any free port)."""
     text = text.strip()
     m = _V6.match(text)
     if m:
@@ -70,8 +71,9 @@ def parse_hostport(text: str, option: str, *, allow_wildcard: bool = False) -> H
                        "e.g. [2001:db8::1]:1194")
     else:
         raise BadInput(f"{option} {text!r}: expected ADDR:PORT, e.g. 192.0.2.1:1194")
-    if not port_text.isdigit() or not 0 < int(port_text) <= 0xFFFF:
-        raise BadInput(f"{option} {text!r}: the port must be 1..65535")
+    lowest = 0 if allow_wildcard else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 0xFFFF:
+        raise BadInput(f"{option} {text!r}: the port must be {lowest}..65535")
     port = int(port_text)
     if host == "":
         if not allow_wildcard:

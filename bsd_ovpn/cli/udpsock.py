@@ -11,7 +11,8 @@ socket's family follows the addresses:
   as ``::ffff:a.b.c.d``, which it converts back to IPv4 (if_ovpn.md §3 NEW_PEER 6).
 
 Without --local the socket binds the wildcard address on the remote's port
-(both ends of a static tunnel then use one port, like ``openvpn --port``).
+(both ends of a static tunnel then use one port, like ``openvpn --port``);
+``--local :0`` picks a free port.
 
 For the userspace engine the socket needs SO_REUSEPORT (the engine joins its
 port, see engine/steering.py).  SO_REUSEPORT would also let this bind join a
@@ -104,7 +105,7 @@ def open_peer_socket(remote: HostPort, local: HostPort | None, *,
     bind_to = _sockaddr(l_addr, port, scope)
     v6only = (not mapped_remote) if family == socket.AF_INET6 else None
     where = str(HostPort(l_addr, port, scope))
-    if reuseport:
+    if reuseport and port != 0:
         _probe_free(family, bind_to, v6only, where)
     try:
         sock = make_udp_socket(bind_to, reuseport=reuseport, v6only=v6only)

@@ -32,7 +32,7 @@ The contract
   then slot 1 (the kernel's lookup: an empty slot 0 whose key id matches
   shadows slot 1); no such key or no decrypt key -> lost_data in; AEAD
   failure -> lost_data in; replay check (on by default in the engine, off by
-  default in the kernel: the sysctl) -> lost_data in; ``last_active`` = now;
+  default in the kernel: the sysctl; 64 packets) -> lost_data in; ``last_active`` = now;
   a new source address -> a pending FLOAT event; data/tunnel in and the
   peer's packets/bytes in (decrypted length); empty plaintext -> nomem_data
   in; a first nibble other than 4/6 (pings, OCC) -> lost_data in; else the
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import selectors
 import socket
@@ -63,6 +64,8 @@ from typing import Callable, Protocol, Sequence, Union, runtime_checkable
 from bsd_ovpn.ifovpn import PING_MAGIC
 from bsd_ovpn.proto.datachannel import DataChannel, DataChannelError, PacketIdExhaustedError
 from bsd_ovpn.proto.keys import DataKeys
+
+log = logging.getLogger("bsd_ovpn.engine")
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 SockAddr = tuple
@@ -185,6 +188,13 @@ def _aead_name(cipher: str, key: bytes) -> str:
 
 class KeyDir:
     """One direction of an installed key, on top of the protocol library's codec.
+
+    Replay window: the protocol library's (OpenVPN's sliding 64-packet window
+    below the highest id seen, no time backtrack).  The kernel's differs in
+    one corner: after a jump of more than 64 it restarts the window there and
+    refuses every older straggler, where this window still takes unseen ids
+    up to 64 below the new top.  Duplicates and reordering within 64 packets
+    behave the same (H7's C data plane uses the kernel's exact algorithm).
 
     The kernel keeps a cipher per direction, so each direction is its own
     :class:`~bsd_ovpn.proto.datachannel.DataChannel` (built with that
@@ -550,10 +560,13 @@ class PythonDataPlane:
                 for key, _ in sel.select():
                     if key.data == "wake":
                         return
-                    if key.data == "udp":
-                        self._drain_udp(udp, tun)
-                    else:
-                        self._drain_tun(tun)
+                    try:
+                        if key.data == "udp":
+                            self._drain_udp(udp, tun)
+                        else:
+                            self._drain_tun(tun)
+                    except Exception:                # one bad packet must not stop the tunnel
+                        log.exception("engine data plane: packet handling failed")
         finally:
             sel.close()
 

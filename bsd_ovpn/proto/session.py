@@ -27,6 +27,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bsd_ovpn.errors import LocalProtocolError, OvpnError, RemoteProtocolError
 from bsd_ovpn.ifovpn import KeySlot
@@ -46,7 +47,8 @@ from bsd_ovpn.proto.reliable import (
 )
 from bsd_ovpn.proto.states import KSState, Trigger, transition
 from bsd_ovpn.proto.tls import TLSChannel, TLSConfig, TLSError
-from bsd_ovpn.proto.wrap import TLSCryptV2Client
+from bsd_ovpn.proto.keyfile import StaticKey
+from bsd_ovpn.proto.wrap import NoWrap, TLSCryptV2Client, dynamic_tls_crypt
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ PUSH_REQUEST_INTERVAL = 5.0
 PUSH_REPLY_MAX = 1024          # PUSH_BUNDLE_SIZE: stock servers split longer replies
 AUTH_FAILED_LINGER = 2.0       # server keeps the session to deliver AUTH_FAILED
 EXIT_LINGER = 5.0              # wait for ACKs of our EXIT before giving up
+DYN_TLS_CRYPT_LABEL = b"EXPORTER-OpenVPN-dynamic-tls-crypt"
 _MAX_PLAIN_BUFFER = 16384      # unparsed TLS plaintext we are willing to hold
 
 
@@ -93,6 +96,8 @@ class SessionSettings:
     ekm: bool = True                    # announce / accept TLS-EKM key derivation
     push_request_interval: float = PUSH_REQUEST_INTERVAL
     pull: bool = True
+    dyn_tls_crypt: bool = True          # announce / push dynamic tls-crypt (needs EKM)
+    wrap_key: StaticKey | None = None   # configured tls-auth/tls-crypt key2 (dyn tls-crypt XOR)
     # -- server
     push_options: tuple[str, ...] = ()
     client_push: Callable[[Session], list[str]] | None = None
@@ -192,6 +197,8 @@ class Session:
         self._last_sent = now
         self._last_received = now
         self._exit_sent = False
+        self.dyn_tls_crypt = False
+        self._dyn_wrap: object | None = None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -261,7 +268,7 @@ class Session:
         if self.terminated is not None:
             return False
         try:
-            plain = self.wrap.unwrap(data, now)
+            plain = self._wrap_for(data[0] & 0x07 if data else 0).unwrap(data, now)
             pkt = ControlPacket.decode(plain)
         except (RemoteProtocolError, OvpnError, ValueError) as exc:
             self._drop(f"{type(exc).__name__}: {exc}")
@@ -289,13 +296,13 @@ class Session:
                 acks = ks.acks.take(CONTROL_SEND_ACK_MAX) if self.remote_sid else []
                 pkt = ControlPacket(opcode, ks.key_id, self.local_sid, tuple(acks),
                                     self.remote_sid if acks else None, mid, payload)
-                out.append(self.wrap.wrap(pkt.encode(), now))
+                out.append(self._wrap_for(ks.key_id).wrap(pkt.encode(), now))
                 ks.send.mark_sent(mid, now)
             if ks.acks.has_pending() and self.remote_sid is not None:
                 acks = ks.acks.take(MAX_ACKS)
                 pkt = ControlPacket(Opcode.P_ACK_V1, ks.key_id, self.local_sid, tuple(acks),
                                     self.remote_sid)
-                out.append(self.wrap.wrap(pkt.encode(), now))
+                out.append(self._wrap_for(ks.key_id).wrap(pkt.encode(), now))
         if out:
             self._last_sent = max(self._last_sent, now)
         return out
@@ -611,7 +618,7 @@ class Session:
                 opcode = Opcode.P_CONTROL_WKC_V1
                 extra = len(getattr(self.wrap, "wkc", b"") or b"")
             room = control_payload_room(
-                wrap_overhead=int(getattr(self.wrap, "overhead", 0)),
+                wrap_overhead=int(getattr(self._wrap_for(ks.key_id), "overhead", 0)),
                 n_acks=CONTROL_SEND_ACK_MAX, max_packet_size=self.settings.max_packet_size,
                 ipv6=self.settings.ipv6, extra=extra)
             chunk = bytes(ks.tls_out[:room])
@@ -695,6 +702,8 @@ class Session:
         proto = IVProto.DATA_V2 | IVProto.REQUEST_PUSH | IVProto.CC_EXIT_NOTIFY
         if st.ekm and _ekm_capable():
             proto |= IVProto.TLS_KEY_EXPORT
+            if st.dyn_tls_crypt:
+                proto |= IVProto.DYN_TLS_CRYPT
         return PeerInfo.for_client(version=st.iv_version, platform=_platform(),
                                    ciphers=st.data_ciphers, proto=proto, mtu=st.iv_mtu).build()
 
@@ -754,6 +763,8 @@ class Session:
             want_ekm = st.ekm and bool(pi.proto & IVProto.TLS_KEY_EXPORT) and _ekm_capable()
             self.key_derivation = "tls-ekm" if want_ekm else "prf"
             self.cc_exit = bool(pi.proto & IVProto.CC_EXIT_NOTIFY)
+            self.dyn_tls_crypt = (want_ekm and self.cc_exit and st.dyn_tls_crypt
+                                  and bool(pi.proto & IVProto.DYN_TLS_CRYPT))
         verdict: object = True
         if st.auth_verify is not None:
             req = ev.AuthRequest(ks.key_id, self.peer_common_name, km.username, km.password,
@@ -809,6 +820,8 @@ class Session:
                 assert csid is not None and ssid is not None
                 key2 = derive_key2_prf(client_src, server_src, csid, ssid)
             ks.keys = split_key2(key2, self.cipher, server=self.server, key_id=ks.key_id)
+            if ks.key_id == 0 and self.dyn_tls_crypt and self._dyn_wrap is None:
+                self._dyn_wrap = self._make_dyn_wrap(ks)
         except (OvpnError, ValueError) as exc:
             self._terminate("protocol-error", f"data-channel key derivation failed: {exc}")
             return
@@ -821,6 +834,20 @@ class Session:
         if ks.state == KSState.ACTIVE:
             ks.step(Trigger.KEYS_GENERATED)
             ks.established = now
+
+    def _wrap_for(self, key_id: int) -> Any:
+        """Control wrapping for a key_id: dynamic tls-crypt for renegotiations (§5.5)."""
+        if key_id > 0 and self._dyn_wrap is not None:
+            return self._dyn_wrap
+        return self.wrap
+
+    def _make_dyn_wrap(self, ks: KeyState) -> Any:
+        assert ks.tls is not None
+        ekm = ks.tls.export_keying_material(DYN_TLS_CRYPT_LABEL, 256)
+        base = getattr(self.wrap, "kc", None) or self.settings.wrap_key
+        if isinstance(self.wrap, NoWrap):
+            base = None
+        return dynamic_tls_crypt(ekm, base, self.server)
 
     def _swap_to(self, ks: KeyState) -> None:
         if ks.slot is not KeySlot.SECONDARY:
@@ -932,6 +959,8 @@ class Session:
         if self.key_derivation == "tls-ekm":
             if self.cc_exit:
                 flags.append("tls-ekm")
+                if self.dyn_tls_crypt:
+                    flags.append("dyn-tls-crypt")
             else:
                 opts.append("key-derivation tls-ekm")
         if flags:
@@ -973,7 +1002,9 @@ class Session:
         if "cc-exit" in reply.protocol_flags:
             self.cc_exit = True
         if "dyn-tls-crypt" in reply.protocol_flags:
-            return "server pushed dyn-tls-crypt, which this client did not announce"
+            if not (st.ekm and st.dyn_tls_crypt and _ekm_capable()):
+                return "server pushed dyn-tls-crypt, which this client did not announce"
+            self.dyn_tls_crypt = True
         if reply.key_derivation is not None and reply.key_derivation != "tls-ekm":
             return f"unsupported pushed key-derivation {reply.key_derivation!r}"
         if reply.uses_ekm:

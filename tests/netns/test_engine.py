@@ -82,6 +82,24 @@ class Side:
     tx_iv: bytes
 
 
+def spawn_engine(host: Host, workdir: str, name: str, dataplane: str) -> tuple[subprocess.Popen, str]:
+    """Start ``python3 -m bsd_ovpn.engine`` inside ``host``; wait for its socket."""
+    path = os.path.join(workdir, f"{name}.sock")
+    logname = os.path.join(workdir, f"{name}.log")
+    with open(logname, "w") as log:
+        proc = host.popen([sys.executable, "-m", "bsd_ovpn.engine", "--socket", path,
+                           "--dataplane", dataplane],
+                          stdout=log, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=str(REPO))
+    deadline = time.monotonic() + 15
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"engine in {host.name} exited:\n{open(logname).read()}")
+        assert time.monotonic() < deadline, "engine did not start"
+        time.sleep(0.05)
+    return proc, path
+
+
 class Tunnel:
     def __init__(self, two: TwoHosts, workdir: str, dataplane: str) -> None:
         self.two = two
@@ -90,25 +108,17 @@ class Tunnel:
         self.workdir = workdir
         self.keys = {n: (os.urandom(32), os.urandom(8)) for n in ("server", "client")}
 
-    def start(self) -> None:
+    def start(self, *, outer6: bool = False, client_bind: str | None = None) -> None:
         two = self.two
-        for name, host, me, other in (("server", two.server, two.server_ip, two.client_ip),
-                                      ("client", two.client, two.client_ip, two.server_ip)):
-            path = os.path.join(self.workdir, f"{name}.sock")
-            log = open(os.path.join(self.workdir, f"{name}.log"), "w")
-            env = dict(os.environ, PYTHONPATH=str(REPO))
-            proc = host.popen([sys.executable, "-m", "bsd_ovpn.engine", "--socket", path,
-                               "--dataplane", self.dataplane],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-            log.close()
-            deadline = time.monotonic() + 15
-            while not os.path.exists(path):
-                assert proc.poll() is None, open(os.path.join(self.workdir, f"{name}.log")).read()
-                assert time.monotonic() < deadline, "engine did not start"
-                time.sleep(0.05)
+        srv_ip, cli_ip = (two.server_ip6, two.client_ip6) if outer6 else (two.server_ip,
+                                                                          two.client_ip)
+        for name, host, me, other in (("server", two.server, srv_ip, cli_ip),
+                                      ("client", two.client, cli_ip, srv_ip)):
+            proc, path = spawn_engine(host, self.workdir, name, self.dataplane)
             tr = EngineTransport(path)
             ifc = Interface.create("ovpn", transport=tr)
-            sock = in_netns(host, lambda me=me: make_udp_socket((me, PORT)))
+            bind = client_bind if (name == "client" and client_bind) else me
+            sock = in_netns(host, lambda bind=bind: make_udp_socket((bind, PORT)))
             ifc.new_peer(PEER_ID, sock, (other, PORT))
             self.sides[name] = Side(name, host, proc, path, tr, ifc, sock, *self.keys[name])
         for name, other in (("server", "client"), ("client", "server")):
@@ -381,3 +391,98 @@ def test_sigterm_destroys_interfaces_and_removes_socket(tunnel: Tunnel) -> None:
     cli.ifc.detach()                      # nothing left to destroy
     with pytest.raises(Exception, match="not running"):
         EngineTransport(cli.path)
+
+
+def test_ipv6_outer_transport(two_hosts: TwoHosts) -> None:
+    workdir = tempfile.mkdtemp(prefix="h6eng-")
+    t = Tunnel(two_hosts, workdir, "python")
+    try:
+        t.start(outer6=True)
+        assert two_hosts.client.ping(TUN["server"], count=3, timeout=10)
+        peer = t.sides["server"].ifc.peer_stats()[PEER_ID]
+        assert peer.packets_in >= 3
+    finally:
+        t.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_float_moves_the_peer_and_notifies(two_hosts: TwoHosts) -> None:
+    """A client bound to the wildcard changes its source address: FLOAT on the server."""
+    two = two_hosts
+    workdir = tempfile.mkdtemp(prefix="h6eng-")
+    t = Tunnel(two, workdir, "python")
+    try:
+        t.start(client_bind="0.0.0.0")
+        srv = t.sides["server"]
+        assert two.client.ping(TUN["server"], count=1, timeout=10)
+        assert list(srv.ifc.iter_notifications()) == []
+        two.client.run(["ip", "addr", "add", "192.0.2.3/24", "dev", two.client_if])
+        two.client.run(["ip", "route", "replace", f"{two.server_ip}/32", "dev", two.client_if,
+                        "src", "192.0.2.3"])
+        assert two.client.ping(TUN["server"], count=3, timeout=10)   # replies follow the peer
+        notes = list(srv.ifc.iter_notifications())
+        assert len(notes) == 1, notes
+        note = notes[0]
+        assert note.peer_id == PEER_ID
+        assert (str(note.address.host), note.address.port) == ("192.0.2.3", PORT)
+    finally:
+        t.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_server_routes_among_peers_and_iroutes(lab) -> None:
+    """One interface, one socket, two peers: exact vpn_ipv4 match, then a route's gateway."""
+    srv, c1, c2 = lab.host("server"), lab.host("c1"), lab.host("c2")
+    ifs = lab.segment([srv, c1, c2], ["192.0.2.1/24", "192.0.2.2/24", "192.0.2.3/24"])
+    workdir = tempfile.mkdtemp(prefix="h6eng-")
+    closers: list[Callable[[], None]] = []
+    try:
+        keys = {n: (os.urandom(32), os.urandom(8)) for n in ("s1", "s2", "c1", "c2")}
+        proc, path = spawn_engine(srv, workdir, "server", "python")
+        tr = EngineTransport(path)
+        closers.append(tr.close)
+        s_ifc = Interface.create("ovpn", transport=tr, ifmode="subnet")
+        closers.insert(0, s_ifc.close)
+        s_sock = in_netns(srv, lambda: make_udp_socket(("192.0.2.1", PORT)))
+        closers.append(s_sock.close)
+        for pid, (cname, outer, vpn) in enumerate((("c1", "192.0.2.2", "198.51.100.2"),
+                                                   ("c2", "192.0.2.3", "198.51.100.3")), 1):
+            s_ifc.new_peer(pid, s_sock, (outer, PORT), vpn_ipv4=vpn)
+            s_ifc.new_key(pid, 0, 0, "AES-256-GCM", KeyMaterial(*keys[f"s{pid}"]),
+                          KeyMaterial(*keys[cname]))
+        s_ifc.start_vpn()
+        srv.run(["ip", "addr", "add", "198.51.100.1/25", "dev", s_ifc.name])
+        for pid, host, cname, outer, vpn in ((1, c1, "c1", "192.0.2.2", "198.51.100.2"),
+                                             (2, c2, "c2", "192.0.2.3", "198.51.100.3")):
+            cproc, cpath = spawn_engine(host, workdir, cname, "python")
+            ctr = EngineTransport(cpath)
+            closers.append(ctr.close)
+            c_ifc = Interface.create("ovpn", transport=ctr)
+            closers.insert(0, c_ifc.close)
+            c_sock = in_netns(host, lambda outer=outer: make_udp_socket((outer, PORT)))
+            closers.append(c_sock.close)
+            c_ifc.new_peer(pid, c_sock, ("192.0.2.1", PORT))
+            c_ifc.new_key(pid, 0, 0, "AES-256-GCM", KeyMaterial(*keys[cname]),
+                          KeyMaterial(*keys[f"s{pid}"]))
+            c_ifc.start_vpn()
+            host.run(["ip", "addr", "add", f"{vpn}/25", "dev", c_ifc.name])
+        # exact vpn_ipv4 matches, both ways
+        assert srv.ping("198.51.100.2", count=2, timeout=10)
+        assert srv.ping("198.51.100.3", count=2, timeout=10)
+        # client to client through the server (forwarded, routed by vpn_ipv4)
+        assert c1.ping("198.51.100.3", count=2, timeout=10)
+        # an iroute: a network behind c2, reached via c2's tunnel address as gateway
+        c2.run(["ip", "addr", "add", "198.51.100.200/32", "dev", "lo"])
+        srv.run(["ip", "route", "add", "198.51.100.192/26", "via", "198.51.100.3",
+                 "dev", s_ifc.name])
+        assert srv.ping("198.51.100.200", count=2, timeout=10)    # route refresh <= 1 s
+        stats = s_ifc.peer_stats()
+        assert stats[1].packets_out >= 4 and stats[2].packets_out >= 8
+        del ifs
+    finally:
+        for close in closers:
+            try:
+                close()
+            except Exception:
+                pass
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -177,3 +177,14 @@ def test_second_daemon_on_the_same_socket_is_refused(daemon):
     _, _, path = daemon
     with pytest.raises(RuntimeError, match="already running"):
         EngineDaemon(path, engine=Engine(Host()))
+
+
+def test_group_socket_is_0660(tmp_path):
+    path = str(tmp_path / "g.sock")
+    d = EngineDaemon(path, group="root", engine=Engine(Host()))
+    try:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 0
+    finally:
+        d.shutdown()
+    assert not os.path.exists(path)

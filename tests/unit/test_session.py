@@ -42,19 +42,20 @@ def static_key() -> StaticKey:
     return StaticKey.generate()
 
 
-def _wraps(kind: str, key: StaticKey) -> tuple[Callable[[], object], object, object]:
-    """(server wrap factory, server tls-crypt-v2, client wrap) for a wrapping kind."""
+def _wraps(kind: str, key: StaticKey
+           ) -> tuple[Callable[[], object] | None, object, object, StaticKey | None]:
+    """(server wrap factory, server tls-crypt-v2, client wrap, client key2) for a kind."""
     if kind == "none":
-        return NoWrap, None, NoWrap()
+        return NoWrap, None, NoWrap(), None
     if kind == "tls-auth":
-        return (lambda: TLSAuth(key, 0, "SHA1")), None, TLSAuth(key, 1, "SHA1")
+        return (lambda: TLSAuth(key, 0, "SHA1")), None, TLSAuth(key, 1, "SHA1"), key
     if kind == "tls-crypt":
-        return (lambda: TLSCrypt(key, server=True)), None, TLSCrypt(key, server=False)
+        return (lambda: TLSCrypt(key, server=True)), None, TLSCrypt(key, server=False), key
     assert kind == "tls-crypt-v2"
     skey = TLSCryptV2ServerKey.generate()
     kc = StaticKey.generate()
     ckey = TLSCryptV2ClientKey(kc, wrap_client_key(skey, kc, b"\x01" + bytes(8)))
-    return None, TLSCryptV2Server(skey), TLSCryptV2Client(ckey)
+    return None, TLSCryptV2Server(skey), TLSCryptV2Client(ckey), kc
 
 
 class Net:
@@ -64,18 +65,20 @@ class Net:
                  key: StaticKey | None = None, client_kw: dict | None = None,
                  server_kw: dict | None = None, endpoint_kw: dict | None = None) -> None:
         key = key or StaticKey.generate()
-        factory, v2, cwrap = _wraps(wrap, key)
+        factory, v2, cwrap, ckey = _wraps(wrap, key)
         self.now = 1000.0
         skw = dict(server=True, tls=server_tls, ping=10, ping_restart=120, data_ciphers=("AES-256-GCM", "AES-128-GCM",
                                                                 "CHACHA20-POLY1305"),
                    push_options=("ping 10", "ping-restart 60"))
+        if wrap in ("tls-auth", "tls-crypt"):
+            skw["wrap_key"] = key
         skw.update(server_kw or {})
         self.server_settings = SessionSettings(**skw)
         self.endpoint = ServerEndpoint(
             ServerSettings(self.server_settings, pool=ipaddress.ip_network("198.51.100.0/24"),
                            **(endpoint_kw or {})),
             wrap_factory=factory, tls_crypt_v2=v2, cookie_jar=CookieJar(b"k" * 32, 60))
-        ckw = dict(server=False, tls=client_tls)
+        ckw = dict(server=False, tls=client_tls, wrap_key=ckey)
         ckw.update(client_kw or {})
         self.client = Session.connect(SessionSettings(**ckw), cwrap, self.now)
         self.c_events: list[ev.Event] = []
@@ -312,11 +315,15 @@ def _kernel(events: list[ev.Event]) -> dict[KeySlot, int]:
     return slots
 
 
-@pytest.mark.parametrize("wrap", ["tls-crypt", "tls-crypt-v2"])
+@pytest.mark.parametrize("wrap,ekm", [("tls-crypt", True), ("tls-crypt-v2", True),
+                                      ("tls-auth", True), ("none", True), ("tls-crypt", False)])
 def test_renegotiation_three_times_and_key_id_wrap(tls: tuple[TLSConfig, TLSConfig],
-                                                    wrap: str) -> None:
-    net = Net(*tls, wrap=wrap, client_kw={"reneg_sec": 0}, server_kw={"reneg_sec": 0})
+                                                    wrap: str, ekm: bool) -> None:
+    net = Net(*tls, wrap=wrap, client_kw={"reneg_sec": 0, "ekm": ekm},
+              server_kw={"reneg_sec": 0})
     net.run(net.established)
+    # dynamic tls-crypt is negotiated exactly when EKM is
+    assert net.client.dyn_tls_crypt == net.server_session.dyn_tls_crypt == ekm
     seen = [0]
     for i in range(9):                      # 0 -> 1..7 -> 1 -> 2
         _rekey(net, from_client=i % 2 == 0)

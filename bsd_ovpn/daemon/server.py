@@ -1,0 +1,650 @@
+"""``ovpnctl server -c FILE``: a multi-client OpenVPN server on if_ovpn (dco spec §4.1, §4.2).
+
+The control channel is :class:`~bsd_ovpn.proto.server.ServerEndpoint`; the
+data channel is the kernel (or the userspace engine).  This module is the
+glue between them and nothing more:
+
+* datagrams and time go into the endpoint; its events come out and go to
+  :meth:`ServerDaemon._on_event`, which asks :class:`~bsd_ovpn.daemon.loop.DataChannel`
+  for the if_ovpn calls;
+* kernel notifications (DEL_PEER/TIMEOUT, ROTATE_KEY, FLOAT) go back into the
+  sessions;
+* per-client things OpenVPN does around that: address pool and
+  client-config-dir, iroutes, auth-user-pass-verify scripts, status.
+
+:class:`ServerDaemon` takes its I/O objects from the caller, so unit tests
+drive it with a RecordingTransport and an in-memory client;
+:func:`run_server` opens the real ones.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bsd_ovpn import config as configmod
+from bsd_ovpn.errors import ConfigError, LocalProtocolError, OvpnError
+from bsd_ovpn.ifovpn import DelReason
+from bsd_ovpn.interface import Float, Interface, PeerDeleted, RotateKey
+from bsd_ovpn.proto import events as ev
+from bsd_ovpn.proto.server import ClientEvent, ServerEndpoint, ServerSettings
+from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
+from bsd_ovpn.daemon.loop import DataChannel, DaemonError, log
+from bsd_ovpn.daemon.netcfg import NetConfig
+
+#: kernel routes for iroutes get this metric, as OpenVPN's DCO code installs them
+IROUTE_METRIC = 100
+SHUTDOWN_LINGER = 2.0
+AUTH_SCRIPT_TIMEOUT = 30.0
+
+Addr = Any
+
+
+# --------------------------------------------------------------------------- addresses
+
+class AddressPool:
+    """``ifconfig-pool`` / ``server``'s pool (IPv4) and ``ifconfig-ipv6-pool`` (IPv6).
+
+    Addresses are handed out lowest-free-first and kept per peer id until the
+    client leaves; ``ifconfig-push`` from a client-config-dir file overrides.
+    """
+
+    def __init__(self, cfg: configmod.Config) -> None:
+        self.v4: list[ipaddress.IPv4Address] = []
+        self.netmask: str | None = None
+        if cfg.ifconfig_pool is not None:
+            start = ipaddress.IPv4Address(cfg.ifconfig_pool.start)
+            end = ipaddress.IPv4Address(cfg.ifconfig_pool.end)
+            self.v4 = [ipaddress.IPv4Address(a) for a in range(int(start), int(end) + 1)]
+            self.netmask = cfg.ifconfig_pool.netmask
+        self.v6_base: ipaddress.IPv6Interface | None = None
+        if cfg.ifconfig_ipv6_pool is not None:
+            self.v6_base = ipaddress.IPv6Interface(cfg.ifconfig_ipv6_pool)
+        self.v6_local = (ipaddress.IPv6Interface(cfg.ifconfig_ipv6[0])
+                         if cfg.ifconfig_ipv6 is not None else None)
+        self._v4_used: dict[int, ipaddress.IPv4Address] = {}
+        self._v6_used: dict[int, ipaddress.IPv6Address] = {}
+
+    def allocate(self, peer_id: int, fixed4: ipaddress.IPv4Address | None = None,
+                 fixed6: ipaddress.IPv6Address | None = None
+                 ) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+        if peer_id not in self._v4_used:
+            ip4 = fixed4
+            if ip4 is None and self.v4:
+                taken = set(self._v4_used.values())
+                ip4 = next((a for a in self.v4 if a not in taken), None)
+                if ip4 is None:
+                    raise DaemonError(f"IPv4 address pool exhausted ({len(self.v4)} addresses)")
+            if ip4 is not None:
+                self._v4_used[peer_id] = ip4
+        if peer_id not in self._v6_used:
+            ip6 = fixed6
+            if ip6 is None and self.v6_base is not None:
+                taken6 = set(self._v6_used.values())
+                base = int(self.v6_base.ip)
+                net = self.v6_base.network
+                ip6 = next((ipaddress.IPv6Address(base + i) for i in range(0, 65536)
+                            if ipaddress.IPv6Address(base + i) not in taken6
+                            and ipaddress.IPv6Address(base + i) in net), None)
+                if ip6 is None:
+                    raise DaemonError("IPv6 address pool exhausted")
+            if ip6 is not None:
+                self._v6_used[peer_id] = ip6
+        return self._v4_used.get(peer_id), self._v6_used.get(peer_id)
+
+    def release(self, peer_id: int) -> None:
+        self._v4_used.pop(peer_id, None)
+        self._v6_used.pop(peer_id, None)
+
+
+# --------------------------------------------------------------------------- per client
+
+@dataclass
+class ClientRecord:
+    """What the daemon knows about one client beyond its session."""
+
+    peer_id: int
+    addr: Addr
+    session: Session | None = None
+    common_name: str | None = None
+    username: str | None = None
+    vpn_ipv4: ipaddress.IPv4Address | None = None
+    vpn_ipv6: ipaddress.IPv6Address | None = None
+    ccd: configmod.CCDConfig | None = None
+    iroutes: list[tuple[Any, str]] = field(default_factory=list)   # (network, via)
+    connected_since: float | None = None
+    last_handshake: float | None = None
+    key_id: int | None = None
+    cipher: str | None = None
+    pushed: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- the daemon
+
+class ServerDaemon:
+    """The glue of one server: endpoint events <-> if_ovpn, plus OpenVPN's server extras."""
+
+    def __init__(self, cfg: configmod.Config, *, ifc: Interface, sock: Any,
+                 send: Callable[[bytes, Addr], None], netcfg: Any = None,
+                 engine: str = "kernel", clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 call_soon: Callable[[Callable[[], None]], None] | None = None,
+                 cookie_jar: Any = None) -> None:
+        check_server_config(cfg)
+        self.cfg = cfg
+        self.ifc = ifc
+        self.sock = sock
+        self.send = send
+        self.netcfg = netcfg if netcfg is not None else NetConfig()
+        self.engine = engine
+        self.clock = clock
+        self.wall = wall
+        self.call_soon = call_soon or (lambda fn: fn())
+        self.dc = DataChannel(ifc, sock)
+        self.pool = AddressPool(cfg)
+        self.records: dict[int, ClientRecord] = {}
+        self.started = wall()
+        self.stopping = False
+        self.ended_clients: list[dict[str, Any]] = []
+        self.endpoint = ServerEndpoint(self._server_settings(cfg),
+                                       wrap_factory=_wrap_factory(cfg),
+                                       tls_crypt_v2=_v2_server(cfg), cookie_jar=cookie_jar)
+
+    # ------------------------------------------------------------------ setup
+    def setup_interface(self) -> None:
+        """Address and MTU of the server's interface (the kernel keeps it down until START_VPN)."""
+        c = self.cfg
+        self.netcfg.set_mtu(self.ifc.name, c.tun_mtu)
+        if c.ifconfig is not None:
+            local, mask = c.ifconfig
+            self.netcfg.add_address(self.ifc.name,
+                                    ipaddress.IPv4Interface(f"{local}/{mask}"))
+        if c.ifconfig_ipv6 is not None:
+            self.netcfg.add_address(self.ifc.name, ipaddress.IPv6Interface(c.ifconfig_ipv6[0]))
+
+    def _server_settings(self, cfg: configmod.Config) -> ServerSettings:
+        from bsd_ovpn.probe import tls_config_from
+
+        session = SessionSettings(
+            server=True, tls=tls_config_from(cfg), data_ciphers=tuple(cfg.data_ciphers),
+            data_ciphers_fallback=cfg.data_ciphers_fallback, hand_window=float(cfg.hand_window),
+            reneg_sec=float(cfg.reneg_sec), tran_window=float(cfg.tran_window),
+            tls_timeout=float(cfg.tls_timeout),
+            tls_auth_keydir=(cfg.tls_auth.direction if cfg.tls_auth is not None else None),
+            push_options=(), client_push=self._client_push, auth_verify=self._auth_verify,
+            ping=0.0, ping_restart=0.0)          # the kernel runs the keepalive
+        force = bool(cfg.tls_crypt_v2 is not None and cfg.tls_crypt_v2.force_cookie)
+        return ServerSettings(session, max_clients=cfg.max_clients or 1024, force_cookie=force)
+
+    # ------------------------------------------------------------------ driving
+    def datagram_received(self, data: bytes, addr: Addr, now: float) -> None:
+        self.endpoint.receive_datagram(data, addr, now)
+        self.pump(now)
+
+    def deadline(self) -> float | None:
+        return self.endpoint.get_timer()
+
+    def wake(self, now: float) -> None:
+        """After every wake-up: due timers, then whatever the kernel queued."""
+        t = self.endpoint.get_timer()
+        if t is not None and t <= now:
+            self.endpoint.handle_timer(now)
+        self.handle_notifications(now)
+        self.pump(now)
+
+    def pump(self, now: float) -> None:
+        """Events first (so the kernel knows a peer before its PUSH_REPLY leaves), then datagrams."""
+        for _ in range(1000):
+            batch: list[ClientEvent] = []
+            while (ce := self.endpoint.next_event()) is not None:
+                batch.append(ce)
+            ending = {ce.peer_id for ce in batch if isinstance(ce.event, ev.ConnectionTerminated)}
+            for ce in batch:
+                try:
+                    self._on_event(ce, now, ending)
+                except (OvpnError, OSError) as exc:
+                    self._fail_client(ce.peer_id, f"{type(exc).__name__}: {exc}", now)
+            out = self.endpoint.datagrams_to_send(now)
+            for data, addr in out:
+                self.send(data, addr)
+            if not batch and not out:
+                return
+
+    # ------------------------------------------------------------------ events -> actions
+    def _on_event(self, ce: ClientEvent, now: float, ending: set[int]) -> None:
+        e, pid = ce.event, ce.peer_id
+        rec = self.records.get(pid)
+        if rec is None:
+            if isinstance(e, ev.ConnectionTerminated):
+                return                          # never got far enough to be recorded
+            rec = self.records[pid] = ClientRecord(pid, ce.addr,
+                                                   self.endpoint.session_by_peer_id(pid))
+        rec.addr = ce.addr
+        if isinstance(e, ev.HandshakeComplete):
+            rec.common_name = e.peer_common_name
+        elif isinstance(e, ev.PeerAuthenticated):
+            rec.common_name = e.peer_common_name
+            rec.username = e.username or rec.username
+            if e.key_id == 0:
+                self._enforce_unique_cn(rec, now)
+        elif isinstance(e, ev.AuthRequest):
+            self._start_auth_script(rec, e)
+        elif isinstance(e, ev.KeysReady):
+            if pid not in self.dc.peers:
+                self._add_peer(rec)
+            self.dc.apply(pid, e)
+            rec.last_handshake = self.wall()
+            rec.cipher = e.keys.cipher
+            if rec.key_id is None:
+                rec.key_id = e.key_id
+                rec.connected_since = self.wall()
+                log.info("peer %d %s (%s) connected: %s, vpn %s", pid, rec.common_name,
+                         format_addr(rec.addr), e.keys.cipher, rec.vpn_ipv4)
+        elif isinstance(e, ev.SwapKeys):
+            if pid not in ending:
+                self.dc.apply(pid, e)
+            rec.key_id = e.key_id
+        elif isinstance(e, ev.DeleteKey):
+            if pid not in ending:            # DEL_PEER follows: no key dance needed
+                self.dc.apply(pid, e)
+        elif isinstance(e, ev.PushReplySent):
+            rec.pushed = e.options
+        elif isinstance(e, ev.AuthFailed):
+            log.info("peer %d %s: authentication failed: %s", pid, rec.common_name, e.reason)
+        elif isinstance(e, ev.ConnectionTerminated):
+            self._remove_client(rec, f"{e.reason}: {e.message}")
+
+    def _add_peer(self, rec: ClientRecord) -> None:
+        """NEW_PEER + SET_PEER (dco spec §4.2 steps 2-3), then iroutes (step 5)."""
+        self._allocate(rec)
+        self.dc.new_peer(rec.peer_id, rec.addr, vpn_ipv4=rec.vpn_ipv4, vpn_ipv6=rec.vpn_ipv6)
+        self.dc.set_keepalive(rec.peer_id, self.cfg.ping, self.cfg.ping_restart)
+        for net, via in self._iroutes(rec):
+            try:
+                self.netcfg.add_route(self.ifc.name, net, via, metric=IROUTE_METRIC)
+                rec.iroutes.append((net, via))
+            except OvpnError as exc:
+                log.warning("peer %d: iroute %s: %s", rec.peer_id, net, exc)
+
+    def _remove_client(self, rec: ClientRecord, why: str) -> None:
+        log.info("peer %d %s (%s) disconnected: %s", rec.peer_id, rec.common_name,
+                 format_addr(rec.addr), why)
+        for net, via in rec.iroutes:
+            try:
+                self.netcfg.del_route(self.ifc.name, net, via, metric=IROUTE_METRIC)
+            except OvpnError as exc:
+                log.warning("peer %d: removing iroute %s: %s", rec.peer_id, net, exc)
+        rec.iroutes.clear()
+        try:
+            self.dc.del_peer(rec.peer_id)
+        except OvpnError as exc:
+            log.warning("peer %d: DEL_PEER: %s", rec.peer_id, exc)
+        self.pool.release(rec.peer_id)
+        self.records.pop(rec.peer_id, None)
+
+    def _fail_client(self, peer_id: int, why: str, now: float) -> None:
+        """An if_ovpn call for this client failed: drop the client, keep the server."""
+        log.error("peer %d: %s; disconnecting it", peer_id, why)
+        s = self.endpoint.session_by_peer_id(peer_id)
+        if s is not None and s.terminated is None:
+            s.close(now, linger=0.0)
+            self.endpoint.handle_timer(now)
+        rec = self.records.get(peer_id)
+        if rec is not None and (s is None or s.terminated is not None):
+            self._remove_client(rec, why)
+
+    # ------------------------------------------------------------------ kernel -> sessions
+    def handle_notifications(self, now: float) -> None:
+        for n in self.dc.drain():
+            rec = self.records.get(n.peer_id)
+            if isinstance(n, PeerDeleted):
+                if n.reason == DelReason.REQUESTED or rec is None:
+                    continue                 # our own DEL_PEER / destroy
+                self.dc.forget(n.peer_id)
+                log.info("peer %d %s: keepalive timeout (ping-restart), dropping it",
+                         n.peer_id, rec.common_name)
+                s = rec.session
+                if s is not None and s.terminated is None:
+                    s.close(now, linger=0.0)
+                    self.endpoint.handle_timer(now)
+            elif isinstance(n, RotateKey):
+                s = rec.session if rec is not None else None
+                if s is not None and s.terminated is None:
+                    try:
+                        s.renegotiate(now)
+                    except LocalProtocolError as exc:
+                        log.debug("peer %d: ROTATE_KEY ignored: %s", n.peer_id, exc)
+            elif isinstance(n, Float):
+                if rec is not None:
+                    self._float(rec, n)
+        self.pump(now)
+
+    def _float(self, rec: ClientRecord, n: Float) -> None:
+        new = (str(n.address.address), n.address.port)
+        if self.sock.family == socket.AF_INET6 and n.address.address.version == 4:
+            new = (f"::ffff:{n.address.address}", n.address.port, 0, 0)
+        elif n.address.address.version == 6:
+            new = (str(n.address.address), n.address.port, 0, n.address.scope_id)
+        log.info("peer %d %s floated from %s to %s", rec.peer_id, rec.common_name,
+                 format_addr(rec.addr), format_addr(new))
+        ep = self.endpoint
+        if hasattr(ep, "float_client"):
+            ep.float_client(rec.peer_id, new)
+        else:                                  # until proto.server grows float_client
+            c = ep._by_peer_id.get(rec.peer_id)    # noqa: SLF001
+            if c is not None:
+                ep._clients.pop(c.addr, None)      # noqa: SLF001
+                c.addr = new
+                ep._clients[new] = c               # noqa: SLF001
+        rec.addr = new
+
+    # ------------------------------------------------------------------ per-client config
+    def _ccd(self, rec: ClientRecord) -> configmod.CCDConfig | None:
+        d, cn = self.cfg.client_config_dir, rec.common_name
+        if d is None or not cn:
+            return None
+        if rec.ccd is not None:
+            return rec.ccd
+        if "/" in cn or cn in (".", ".."):
+            return None
+        path = os.path.join(d, cn)
+        if not os.path.isfile(path):
+            path = os.path.join(d, "DEFAULT")
+            if not os.path.isfile(path):
+                return None
+        rec.ccd = configmod.load_ccd(path)
+        return rec.ccd
+
+    def _allocate(self, rec: ClientRecord) -> None:
+        ccd = self._ccd(rec)
+        fixed4 = fixed6 = None
+        if ccd is not None and ccd.ifconfig_push is not None:
+            fixed4 = ipaddress.IPv4Address(ccd.ifconfig_push[0])
+        if ccd is not None and ccd.ifconfig_ipv6_push is not None:
+            fixed6 = ipaddress.IPv6Interface(ccd.ifconfig_ipv6_push[0]).ip
+        rec.vpn_ipv4, rec.vpn_ipv6 = self.pool.allocate(rec.peer_id, fixed4, fixed6)
+
+    def _iroutes(self, rec: ClientRecord) -> list[tuple[Any, str]]:
+        ccd = self._ccd(rec)
+        out: list[tuple[Any, str]] = []
+        if ccd is None:
+            return out
+        if rec.vpn_ipv4 is not None:
+            for r in ccd.iroutes:
+                spec = r.network if r.netmask is None else f"{r.network}/{r.netmask}"
+                out.append((ipaddress.ip_network(spec, strict=False), str(rec.vpn_ipv4)))
+        if rec.vpn_ipv6 is not None:
+            for r in ccd.iroutes_ipv6:
+                out.append((ipaddress.ip_network(r.network, strict=False), str(rec.vpn_ipv6)))
+        return out
+
+    def _client_push(self, session: Session) -> list[str]:
+        """The PUSH_REPLY body (the session appends peer-id, cipher, protocol-flags)."""
+        pid = session.peer_id if session.peer_id is not None else -1
+        rec = self.records.get(pid)
+        if rec is None:
+            addr = next((a for p, a, _s in self.endpoint.clients() if p == pid), None)
+            rec = self.records[pid] = ClientRecord(pid, addr, session,
+                                                   session.peer_common_name)
+        self._allocate(rec)
+        ccd = self._ccd(rec)
+        opts = [] if ccd is not None and ccd.push_reset else list(self.cfg.push)
+        if ccd is not None:
+            opts = [o for o in opts if not any(o.split()[0] == r or o.startswith(r)
+                                               for r in ccd.push_remove)]
+            opts += ccd.push
+        if rec.vpn_ipv4 is not None:
+            if ccd is not None and ccd.ifconfig_push is not None:
+                mask = ccd.ifconfig_push[1]
+            elif self.pool.netmask is not None:
+                mask = self.pool.netmask
+            else:
+                assert self.cfg.ifconfig is not None     # topology subnet: (local, netmask)
+                mask = self.cfg.ifconfig[1]
+            opts.append(f"ifconfig {rec.vpn_ipv4} {mask}")
+        if rec.vpn_ipv6 is not None:
+            bits = self.pool.v6_base.network.prefixlen if self.pool.v6_base else 64
+            local = self.pool.v6_local.ip if self.pool.v6_local is not None else ""
+            opts.append(f"ifconfig-ipv6 {rec.vpn_ipv6}/{bits} {local}".rstrip())
+        return opts
+
+    def _auth_verify(self, req: ev.AuthRequest) -> object:
+        """Session hook: ccd rules now; a configured script decides later (deferred)."""
+        if self.cfg.client_config_dir is not None and req.peer_common_name:
+            tmp = ClientRecord(-1, None, None, req.peer_common_name)
+            try:
+                ccd = self._ccd(tmp)
+            except ConfigError as exc:
+                return (False, f"bad client-config-dir file: {exc}")
+            if ccd is None and self.cfg.ccd_exclusive:
+                return (False, "no client-config-dir file (ccd-exclusive)")
+            if ccd is not None and ccd.disable:
+                return (False, "client disabled in client-config-dir")
+        if self.cfg.auth_user_pass_verify is not None:
+            return None
+        return True
+
+    def _start_auth_script(self, rec: ClientRecord, req: ev.AuthRequest) -> None:
+        """auth-user-pass-verify, run on a worker thread; the answer comes back on the loop."""
+        v = self.cfg.auth_user_pass_verify
+        assert v is not None
+        session = rec.session
+        env = dict(os.environ, script_type="user-pass-verify",
+                   common_name=req.peer_common_name or "", username=req.username or "")
+        if rec.addr is not None:
+            env.update(untrusted_ip=str(rec.addr[0]), untrusted_port=str(rec.addr[1]))
+        env.update(self.cfg.setenv)
+        user, pw = req.username or "", req.password or ""
+
+        def work() -> None:
+            ok, reason = run_auth_script(v.command, v.method, user, pw, env)
+            self.call_soon(lambda: self._auth_done(rec.peer_id, session, req.key_id, ok, reason))
+
+        from bsd_ovpn.daemon.loop import thread
+        thread(work, f"auth-{rec.peer_id}")
+
+    def _auth_done(self, peer_id: int, session: Session | None, key_id: int, ok: bool,
+                   reason: str) -> None:
+        if session is None or session.terminated is not None:
+            return
+        now = self.clock()
+        try:
+            session.set_auth_result(key_id, ok, reason, now=now)
+        except LocalProtocolError as exc:
+            log.debug("peer %d: late auth result ignored: %s", peer_id, exc)
+        self.pump(now)
+
+    def _enforce_unique_cn(self, rec: ClientRecord, now: float) -> None:
+        if self.cfg.duplicate_cn or not rec.common_name:
+            return
+        for other in list(self.records.values()):
+            if other is not rec and other.common_name == rec.common_name \
+                    and other.connected_since is not None:
+                log.info("peer %d: common name %s reconnected as peer %d; dropping the old "
+                         "session", other.peer_id, rec.common_name, rec.peer_id)
+                self.kill_peer(other.peer_id, now)
+
+    # ------------------------------------------------------------------ control
+    def kill(self, target: str, now: float) -> list[int]:
+        """``ovpnctl kill CN|PEER_ID``: RESTART to the client(s), then drop them."""
+        ids = [r.peer_id for r in self.records.values()
+               if r.common_name == target or str(r.peer_id) == target]
+        if not ids:
+            raise DaemonError(f"no client with common name or peer id {target!r}")
+        for pid in ids:
+            self.kill_peer(pid, now)
+        self.pump(now)
+        return ids
+
+    def kill_peer(self, peer_id: int, now: float) -> None:
+        try:
+            self.endpoint.disconnect(peer_id, now, restart=True)
+        except LocalProtocolError:
+            rec = self.records.get(peer_id)
+            if rec is not None:
+                self._remove_client(rec, "killed")
+
+    def status(self) -> DaemonStatus:
+        stats = self.dc.stats() if self.records else {}
+        clients = []
+        for rec in sorted(self.records.values(), key=lambda r: r.peer_id):
+            if rec.connected_since is None:
+                continue
+            st = stats.get(rec.peer_id)
+            clients.append(ClientStatus(
+                peer_id=rec.peer_id, common_name=rec.common_name, username=rec.username,
+                real_address=format_addr(rec.addr),
+                vpn_ipv4=str(rec.vpn_ipv4) if rec.vpn_ipv4 else None,
+                vpn_ipv6=str(rec.vpn_ipv6) if rec.vpn_ipv6 else None,
+                cipher=rec.cipher, key_id=rec.key_id, connected_since=rec.connected_since,
+                last_handshake=rec.last_handshake,
+                bytes_in=st.bytes_in if st else 0, bytes_out=st.bytes_out if st else 0,
+                packets_in=st.packets_in if st else 0, packets_out=st.packets_out if st else 0,
+                iroutes=[str(n) for n, _ in rec.iroutes]))
+        local = None
+        try:
+            local = format_addr(self.sock.getsockname())
+        except (OSError, AttributeError):
+            pass
+        return DaemonStatus(role="server", config=self.cfg.path, pid=os.getpid(),
+                            engine=self.engine, interface=self.ifc.name, started=self.started,
+                            state="stopping" if self.stopping else "running", clients=clients,
+                            local=local, max_clients=self.endpoint.settings.max_clients)
+
+    # ------------------------------------------------------------------ lifecycle
+    def reload(self, cfg: configmod.Config) -> list[str]:
+        """SIGHUP: take the new config for new sessions; connected clients stay.
+
+        Returns the directives that need a restart to change (logged, kept old).
+        """
+        check_server_config(cfg)
+        kept = [d for d, a, b in (
+            ("port", self.cfg.lport or self.cfg.port, cfg.lport or cfg.port),
+            ("proto", self.cfg.proto, cfg.proto), ("local", self.cfg.local, cfg.local),
+            ("dev", self.cfg.dev, cfg.dev), ("server", self.cfg.server, cfg.server),
+            ("server-ipv6", self.cfg.server_ipv6, cfg.server_ipv6),
+            ("tun-mtu", self.cfg.tun_mtu, cfg.tun_mtu)) if a != b]
+        new_settings = self._server_settings(cfg)
+        self.cfg = cfg
+        self.endpoint.settings = new_settings
+        self.endpoint.wrap_factory = _wrap_factory(cfg)
+        self.endpoint.tls_crypt_v2 = _v2_server(cfg)
+        for rec in self.records.values():
+            rec.ccd = None if rec.connected_since is None else rec.ccd
+        for d in kept:
+            log.warning("reload: %s changed; that needs a restart (keeping the old value)", d)
+        log.info("reloaded %s (%d clients kept)", cfg.path, len(self.records))
+        return kept
+
+    def begin_shutdown(self, now: float) -> None:
+        """SIGTERM: RESTART (and EXIT, if negotiated) to every client."""
+        self.stopping = True
+        for pid, _addr, s in self.endpoint.clients():
+            if s.terminated is None:
+                try:
+                    self.endpoint.disconnect(pid, now, restart=True)
+                except LocalProtocolError:
+                    pass
+        self.pump(now)
+
+    def shutdown_done(self) -> bool:
+        return not any(s.terminated is None for _p, _a, s in self.endpoint.clients())
+
+    def close(self) -> None:
+        """Destroy the interface (the kernel deletes every peer) and remove our routes."""
+        for rec in list(self.records.values()):
+            for net, via in rec.iroutes:
+                try:
+                    self.netcfg.del_route(self.ifc.name, net, via, metric=IROUTE_METRIC)
+                except OvpnError as exc:
+                    log.warning("removing iroute %s: %s", net, exc)
+            rec.iroutes.clear()
+        self.records.clear()
+        self.netcfg.undo_all()
+        self.ifc.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+def check_server_config(cfg: configmod.Config) -> None:
+    """What a DCO server needs beyond a valid OpenVPN config, as ConfigErrors."""
+    def err(directive: str, msg: str) -> ConfigError:
+        path, line = cfg.origins.get(directive, (cfg.path, None))
+        return ConfigError(msg, path, line, directive)
+
+    if not cfg.is_server or cfg.mode != "server":
+        raise err("server", "ovpnctl server needs a server config ('server NET MASK' or "
+                  "'mode server' + 'tls-server')")
+    if cfg.topology != "subnet":
+        raise err("topology", f"topology {cfg.topology}: if_ovpn servers need "
+                  "'topology subnet' (as OpenVPN's DCO does)")
+    if not cfg.proto.startswith("udp"):
+        raise err("proto", f"proto {cfg.proto}: if_ovpn carries UDP only")
+    if cfg.dev_type != "tun":
+        raise err("dev", f"dev {cfg.dev}: if_ovpn is a tun (layer 3) device")
+    if cfg.allow_compression not in ("no",):
+        raise err("allow-compression", "if_ovpn cannot compress; use 'allow-compression no'")
+    if cfg.auth_user_pass_verify is not None and cfg.script_security < 2:
+        raise err("auth-user-pass-verify", "running the verify script needs "
+                  "'script-security 2'")
+    bad = [c for c in cfg.data_ciphers if c.upper() not in
+           ("AES-128-GCM", "AES-192-GCM", "AES-256-GCM", "CHACHA20-POLY1305")]
+    if bad:
+        raise err("data-ciphers", f"data-ciphers {':'.join(bad)}: if_ovpn offers only AES-GCM "
+                  "and CHACHA20-POLY1305")
+
+
+def _wrap_factory(cfg: configmod.Config) -> Callable[[], Any] | None:
+    if cfg.tls_crypt_v2 is not None and cfg.tls_auth is None and cfg.tls_crypt is None:
+        return None
+    return cfg.new_control_wrap
+
+
+def _v2_server(cfg: configmod.Config) -> Any:
+    if cfg.tls_crypt_v2 is None:
+        return None
+    from bsd_ovpn.proto.wrap import TLSCryptV2Server
+    return TLSCryptV2Server(cfg.tls_crypt_v2.key)
+
+
+def run_auth_script(command: str, method: str, username: str, password: str,
+                    env: dict[str, str]) -> tuple[bool, str]:
+    """Run an auth-user-pass-verify command: exit status 0 accepts.
+
+    via-file: the last argument is a 0600 file with the username and password
+    lines (deleted afterwards); via-env: ``username``/``password`` variables.
+    """
+    import shlex
+
+    argv = shlex.split(command)
+    tmp = None
+    try:
+        if method == "via-file":
+            fd, tmp = tempfile.mkstemp(prefix="ovpnctl-auth-")
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{username}\n{password}\n")
+            argv.append(tmp)
+        else:
+            env = dict(env, password=password)
+        res = subprocess.run(argv, env=env, capture_output=True, timeout=AUTH_SCRIPT_TIMEOUT)
+        if res.returncode == 0:
+            return True, ""
+        return False, f"auth-user-pass-verify exited with {res.returncode}"
+    except subprocess.TimeoutExpired:
+        return False, f"auth-user-pass-verify did not finish in {AUTH_SCRIPT_TIMEOUT:g} s"
+    except OSError as exc:
+        return False, f"auth-user-pass-verify could not run: {exc.strerror}"
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
