@@ -150,11 +150,12 @@ def run_openvpn(server: Host, client: Host, iperf: Iperf, seconds: float, work: 
         srv.stop()
 
 
-def peak_rss_1000_peers(host: Host) -> dict:
-    eng = ManualEngine(host, engine_args("fpm" + str(os.getpid() % 100000), "198.51.100.9/32",
-                                         "192.0.2.1", "192.0.2.2",
+def peak_rss(host: Host, tag: str, peers: int) -> dict:
+    """READY report (VmHWM/VmRSS) of an engine process with ``peers`` keyed peers."""
+    eng = ManualEngine(host, engine_args(f"fpm{tag}", "198.51.100.9/32", SERVER_OUTER,
+                                         CLIENT_OUTER, (os.urandom(32), os.urandom(8)),
                                          (os.urandom(32), os.urandom(8)),
-                                         (os.urandom(32), os.urandom(8)), extra_peers=999))
+                                         extra_peers=peers - 1))
     info = dict(eng.ready)
     eng.stop()
     return info
@@ -184,14 +185,15 @@ def main(argv: list[str] | None = None) -> int:
                         res = run_openvpn(server, client, iperf, args.seconds,
                                           Path(tmp) / f"ovpn{rnd}")
                     results.append((name, res))
-            rss = peak_rss_1000_peers(server)
+            rss = (peak_rss(server, lab.tag, 1), peak_rss(server, lab.tag, 1000))
         finally:
             iperf.close()
     report(results, rss, args.seconds, time.monotonic() - t0)
     return 0
 
 
-def report(results: list[tuple[str, dict[str, tuple[IperfResult, float]]]], rss: dict,
+def report(results: list[tuple[str, dict[str, tuple[IperfResult, float]]]],
+           rss: tuple[dict, dict],
            seconds: float, elapsed: float) -> None:
     print(f"# engine benchmark: iperf3 {seconds:g} s per run, {CIPHER}, "
           f"{os.cpu_count()} CPUs (shared), loadavg {os.getloadavg()[0]:.2f}")
@@ -210,8 +212,11 @@ def report(results: list[tuple[str, dict[str, tuple[IperfResult, float]]]], rss:
         ratio = me / mo if mo else float("nan")
         print(f"{proto.upper()} mean over {len(e)} round(s): engine {me:.1f} Mbit/s, "
               f"openvpn {mo:.1f} Mbit/s, ratio engine/openvpn {ratio:.3f}")
-    print(f"engine with {rss.get('peers')} peers: VmHWM {rss.get('vmhwm_kb')} KiB, "
-          f"VmRSS {rss.get('vmrss_kb')} KiB (whole Python process)")
+    one, many = rss
+    print(f"engine process peak RSS (VmHWM, whole Python process): {one.get('vmhwm_kb')} KiB "
+          f"with {one.get('peers')} peer, {many.get('vmhwm_kb')} KiB with {many.get('peers')} "
+          f"peers ({CIPHER} key each); "
+          f"UDP offload: GSO {one.get('gso')}, GRO {one.get('gro')}")
     print(f"# total {elapsed:.1f} s")
 
 

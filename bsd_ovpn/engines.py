@@ -88,15 +88,17 @@ def _open_kernel(*, load_module: bool) -> KernelTransport:
         raise IfOvpnNotLoaded(f"if_ovpn is not loaded (kldload if_ovpn): {exc}") from exc
 
 
-def _open_userspace(path: str, *, also: str = "") -> Transport:
+def _open_userspace(path: str, *, kernel_missing: bool = False) -> Transport:
     # Imported here: the engine package is Linux-oriented and not needed for the kernel.
     from .engine import transport as engine_transport
 
     try:
         return engine_transport.EngineTransport(path)
     except engine_transport.EngineNotRunning as exc:
-        raise EngineNotRunning(
-            f"{also}userspace engine not running at {path}; {_start_hint(path)}", path) from exc
+        what = (f"if_ovpn is not loaded (kldload if_ovpn) and the userspace engine is not "
+                f"running at {path}" if kernel_missing
+                else f"userspace engine not running at {path}")
+        raise EngineNotRunning(f"{what}; {_start_hint(path)}", path) from exc
 
 
 def kernel_available() -> bool:
@@ -130,7 +132,7 @@ def open_transport(engine: str = "auto", *,
         try:
             return _open_kernel(load_module=False)
         except IfOvpnNotLoaded:
-            return _open_userspace(path, also="if_ovpn is not loaded (kldload if_ovpn) and no ")
+            return _open_userspace(path, kernel_missing=True)
     return _open_userspace(path)
 
 

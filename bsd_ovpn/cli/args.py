@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import binascii
 import ipaddress
-import os
 import re
 import socket
 from dataclasses import dataclass
@@ -221,8 +220,3 @@ def key_sizes(cipher: str) -> tuple[int, int]:
     size = CIPHER_KEY_SIZES[cipher]
     return size, (IMPLICIT_IV_SIZE if size else 0)
 
-
-def ensure_private_path(path: str) -> None:
-    """Refuse to write a secret through a symlink someone else could have planted."""
-    if os.path.islink(path):
-        raise BadInput(f"{path} is a symbolic link; refusing to write a key through it")

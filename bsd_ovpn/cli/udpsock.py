@@ -112,5 +112,6 @@ def open_peer_socket(remote: HostPort, local: HostPort | None, *,
     except OSError as exc:
         raise _explain_bind(exc, where) from None
     remote_sa = _sockaddr(r_addr, remote.port, remote.scope_id)
-    local_sa = None if l_addr.is_unspecified else _sockaddr(l_addr, port, scope)
+    bound_port = sock.getsockname()[1]          # the one picked for port 0
+    local_sa = None if l_addr.is_unspecified else _sockaddr(l_addr, bound_port, scope)
     return PeerSocket(sock, remote_sa, local_sa)

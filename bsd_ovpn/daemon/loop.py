@@ -283,3 +283,70 @@ def thread(target: Callable[[], None], name: str) -> threading.Thread:
     t = threading.Thread(target=target, name=name, daemon=True)
     t.start()
     return t
+
+
+# --------------------------------------------------------------------------- running a daemon
+
+def serve(daemon: Any, loop: Loop, *, control: Any = None, status_file: Any = None,
+          status_version: int = 1, user: str | None = None, group: str | None = None,
+          shutdown_linger: float = 2.0) -> int:
+    """Run ``daemon`` (ServerDaemon or ClientDaemon) on ``loop`` until it ends.
+
+    SIGTERM/SIGINT: the daemon says goodbye on the control channel, the loop
+    runs until that is acknowledged (at most ``shutdown_linger`` s), and the
+    caller's ``finally`` removes the interface.  SIGHUP: reload the config.
+    SIGUSR2: write the status to the log.  Returns the exit status.
+    """
+    import signal as _signal
+
+    from bsd_ovpn.daemon.status import render_text, write_status_file
+
+    state: dict[str, Any] = {"deadline": None, "next_status": 0.0}
+
+    def on_signal(signum: int) -> None:
+        now = loop.clock()
+        if signum in (_signal.SIGTERM, _signal.SIGINT):
+            if state["deadline"] is None:
+                log.info("%s: shutting down", _signal.Signals(signum).name)
+                state["deadline"] = now + shutdown_linger
+                daemon.begin_shutdown(now)
+        elif signum == _signal.SIGHUP:
+            try:
+                daemon.reload_from_disk()
+            except OvpnError as exc:
+                log.error("SIGHUP: config not reloaded: %s", exc)
+        elif signum == _signal.SIGUSR2:
+            log.info("status:\n%s", render_text(daemon.status()))
+
+    def on_wake(now: float) -> None:
+        daemon.wake(now)
+        if state["deadline"] is not None and (daemon.shutdown_done() or now >= state["deadline"]):
+            loop.stop()
+        if daemon.finished():
+            loop.stop()
+        if status_file is not None and now >= state["next_status"]:
+            state["next_status"] = now + status_file.interval
+            try:
+                write_status_file(status_file.path, daemon.status(), status_version)
+            except OSError as exc:
+                log.warning("status file %s: %s", status_file.path, exc)
+
+    def handle(req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": daemon.status().as_dict()}
+        if cmd == "kill":
+            target = req.get("target")
+            if not isinstance(target, (str, int)) or isinstance(target, bool):
+                raise DaemonError("kill needs a target (common name or peer id)")
+            return {"ok": True, "killed": daemon.kill(str(target), loop.clock())}
+        raise DaemonError(f"unknown control command {cmd!r} (status, kill)")
+
+    if control is not None:
+        control.handler = handle
+        control.register(loop)
+    loop.handle_signals([_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGUSR2],
+                        on_signal)
+    drop_privileges(user, group)
+    loop.run(daemon.deadline, on_wake)
+    return daemon.exit_status()

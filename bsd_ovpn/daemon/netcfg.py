@@ -62,6 +62,8 @@ class NetConfig:
         if self.platform == "linux":
             fam = "-6" if iface.version == 6 else "-4"
             spec = [f"{iface.ip}", "peer", f"{peer}"] if peer is not None else [str(iface)]
+            if iface.version == 6:
+                spec.append("nodad")          # DAD means nothing on a tunnel; it delays use
             self._run(["ip", fam, "addr", "add", *spec, "dev", ifname],
                       tolerate=("File exists",))
         else:

@@ -19,7 +19,6 @@ drive it with a RecordingTransport and an in-memory client;
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import socket
 import subprocess
@@ -34,6 +33,7 @@ from bsd_ovpn.errors import ConfigError, LocalProtocolError, OvpnError
 from bsd_ovpn.ifovpn import DelReason
 from bsd_ovpn.interface import Float, Interface, PeerDeleted, RotateKey
 from bsd_ovpn.proto import events as ev
+from bsd_ovpn.proto.keymethod import IVProto
 from bsd_ovpn.proto.server import ClientEvent, ServerEndpoint, ServerSettings
 from bsd_ovpn.proto.session import Session, SessionSettings
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
@@ -171,7 +171,7 @@ class ServerDaemon:
             self.netcfg.add_address(self.ifc.name, ipaddress.IPv6Interface(c.ifconfig_ipv6[0]))
 
     def _server_settings(self, cfg: configmod.Config) -> ServerSettings:
-        from bsd_ovpn.probe import tls_config_from
+        from bsd_ovpn.probe import _wrap_key2, tls_config_from
 
         session = SessionSettings(
             server=True, tls=tls_config_from(cfg), data_ciphers=tuple(cfg.data_ciphers),
@@ -180,13 +180,19 @@ class ServerDaemon:
             tls_timeout=float(cfg.tls_timeout),
             tls_auth_keydir=(cfg.tls_auth.direction if cfg.tls_auth is not None else None),
             push_options=(), client_push=self._client_push, auth_verify=self._auth_verify,
-            ping=0.0, ping_restart=0.0)          # the kernel runs the keepalive
+            ping=0.0, ping_restart=0.0,          # the kernel runs the keepalive
+            wrap_key=_wrap_key2(cfg))            # dynamic tls-crypt is XORed with it
         force = bool(cfg.tls_crypt_v2 is not None and cfg.tls_crypt_v2.force_cookie)
         return ServerSettings(session, max_clients=cfg.max_clients or 1024, force_cookie=force)
 
     # ------------------------------------------------------------------ driving
     def datagram_received(self, data: bytes, addr: Addr, now: float) -> None:
+        if self.stopping and self.endpoint.session_for(addr) is None:
+            return                            # shutting down: no new clients
         self.endpoint.receive_datagram(data, addr, now)
+        s = self.endpoint.session_for(addr)
+        if s is not None and self.stopping:
+            s.handle_timer(now)               # our EXIT may be acked: end without lingering
         self.pump(now)
 
     def deadline(self) -> float | None:
@@ -335,15 +341,11 @@ class ServerDaemon:
             new = (str(n.address.address), n.address.port, 0, n.address.scope_id)
         log.info("peer %d %s floated from %s to %s", rec.peer_id, rec.common_name,
                  format_addr(rec.addr), format_addr(new))
-        ep = self.endpoint
-        if hasattr(ep, "float_client"):
-            ep.float_client(rec.peer_id, new)
-        else:                                  # until proto.server grows float_client
-            c = ep._by_peer_id.get(rec.peer_id)    # noqa: SLF001
-            if c is not None:
-                ep._clients.pop(c.addr, None)      # noqa: SLF001
-                c.addr = new
-                ep._clients[new] = c               # noqa: SLF001
+        try:
+            self.endpoint.float_client(rec.peer_id, new)
+        except LocalProtocolError as exc:
+            log.debug("FLOAT for peer %d ignored: %s", rec.peer_id, exc)
+            return
         rec.addr = new
 
     # ------------------------------------------------------------------ per-client config
@@ -417,7 +419,14 @@ class ServerDaemon:
         return opts
 
     def _auth_verify(self, req: ev.AuthRequest) -> object:
-        """Session hook: ccd rules now; a configured script decides later (deferred)."""
+        """Session hook: DATA_V2, ccd rules now; a configured script decides later (deferred)."""
+        try:
+            proto = int(req.peer_info.get("IV_PROTO", "0"))
+        except ValueError:
+            proto = 0
+        if not proto & IVProto.DATA_V2:
+            return (False, "client does not support the P_DATA_V2 packet format, which "
+                    "if_ovpn needs (upgrade the client to OpenVPN 2.4 or later)")
         if self.cfg.client_config_dir is not None and req.peer_common_name:
             tmp = ClientRecord(-1, None, None, req.peer_common_name)
             try:
@@ -544,6 +553,15 @@ class ServerDaemon:
         log.info("reloaded %s (%d clients kept)", cfg.path, len(self.records))
         return kept
 
+    def reload_from_disk(self) -> list[str]:
+        return self.reload(configmod.load(self.cfg.path))
+
+    def finished(self) -> bool:
+        return False                          # a server runs until a signal
+
+    def exit_status(self) -> int:
+        return 0
+
     def begin_shutdown(self, now: float) -> None:
         """SIGTERM: RESTART (and EXIT, if negotiated) to every client."""
         self.stopping = True
@@ -560,6 +578,9 @@ class ServerDaemon:
 
     def close(self) -> None:
         """Destroy the interface (the kernel deletes every peer) and remove our routes."""
+        if self.records:
+            log.info("dropping %d clients: %s", len(self.records),
+                     ", ".join(f"{r.peer_id} {r.common_name}" for r in self.records.values()))
         for rec in list(self.records.values()):
             for net, via in rec.iroutes:
                 try:
@@ -646,5 +667,86 @@ def run_auth_script(command: str, method: str, username: str, password: str,
         if tmp is not None:
             try:
                 os.unlink(tmp)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- real I/O
+
+def bind_address(cfg: configmod.Config) -> tuple[str, int]:
+    """Where the server listens: ``local``/``lport``/``port``; udp6 binds dual-stack ``::``."""
+    port = cfg.lport or cfg.port
+    if cfg.local:
+        return (cfg.local, port)
+    return ("::", port) if cfg.proto == "udp6" else ("0.0.0.0", port)
+
+
+def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | None = None,
+               control_socket: str | None = None) -> int:
+    """``ovpnctl server``: set everything up, serve until SIGTERM, remove everything."""
+    from bsd_ovpn.daemon.control import ControlServer, default_socket_path
+    from bsd_ovpn.daemon.loop import Loop, create_interface, serve
+    from bsd_ovpn.engine.steering import make_udp_socket
+    from bsd_ovpn.engines import engine_kind, open_transport
+
+    cfg = configmod.load(config_path)
+    check_server_config(cfg)
+    transport = open_transport(engine, socket_path=engine_socket)
+    loop = Loop()
+    ifc = sock = control = daemon = None
+    try:
+        ifc = create_interface(transport, cfg.dev or "tun", ifmode="subnet")
+        local = bind_address(cfg)
+        try:
+            sock = make_udp_socket(local, v6only=False if cfg.proto == "udp6" else None)
+        except OSError as exc:
+            raise DaemonError(f"cannot bind UDP {local[0]}:{local[1]}: {exc.strerror}") from exc
+        sock.setblocking(False)
+
+        def send(data: bytes, addr: Addr) -> None:
+            try:
+                sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                log.debug("UDP send buffer full; control packet to %s dropped", addr)
+            except OSError as exc:
+                log.debug("sendto %s: %s", addr, exc)
+
+        daemon = ServerDaemon(cfg, ifc=ifc, sock=sock, send=send, engine=engine_kind(transport),
+                              call_soon=loop.call_soon_threadsafe)
+        daemon.setup_interface()
+        control = ControlServer(control_socket or default_socket_path(config_path),
+                                lambda req: {})
+
+        def on_udp() -> None:
+            from bsd_ovpn.daemon.loop import read_datagrams
+            now = loop.clock()
+            for data, addr in read_datagrams(sock):
+                daemon.datagram_received(data, addr, now)
+            daemon.handle_notifications(now)      # every wake-up, EAGAIN included
+
+        loop.add_reader(sock, on_udp)
+        if cfg.writepid:
+            with open(cfg.writepid, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        log.info("server %s: interface %s, listening on %s, engine %s", cfg.path, ifc.name,
+                 format_addr(sock.getsockname()), daemon.engine)
+        return serve(daemon, loop, control=control, status_file=cfg.status,
+                     status_version=cfg.status_version, user=cfg.user, group=cfg.group,
+                     shutdown_linger=SHUTDOWN_LINGER)
+    finally:
+        if daemon is not None:
+            daemon.pump(loop.clock())
+            daemon.close()
+        elif ifc is not None:
+            ifc.close()
+        if control is not None:
+            control.close()
+        if sock is not None:
+            sock.close()
+        loop.close()
+        transport.close()
+        if cfg.writepid:
+            try:
+                os.unlink(cfg.writepid)
             except OSError:
                 pass

@@ -18,6 +18,13 @@ Check order, per request (first failure wins):
   ``bufsize``: ENOSPC (for GET_PKT the notification is already dequeued and
   is lost, as in the kernel).
 
+The socket follows ovpn_rele_so: every peer holds a reference, and when the
+last peer is deleted (DEL_PEER, timeout) the socket is unhooked and
+forgotten, so the next NEW_PEER may bring any socket.  (The shared spec's
+DEL_PEER section says the socket stays hooked; the kernel source and
+dco-freebsd-openvpn.md §3.6 say it is released, and the engine follows the
+source.)
+
 Numbers are truncated the way the kernel's C variables truncate them: slot
 and ifmode to 32 bits (``int``), peer ids looked up as ``uint32``, keepalive
 values to ``uint32``; the port field to 16 bits and read as network order.
@@ -26,8 +33,8 @@ Where the engine deliberately differs from the kernel:
 
 * NEW_PEER ``peerid`` > 0xFFFFFF and NEW_KEY ``keyid`` > 7 or ``peerid`` >
   0xFFFFFF are EINVAL.  The kernel stores them and corrupts the opcode word
-  on the wire; the engine refuses.  (Checked right after the key's presence
-  check of the same name, NEW_KEY's after the slot check.)
+  on the wire; the engine refuses.  (NEW_PEER checks it right after the
+  peerid/fd/remote presence checks, NEW_KEY after the slot check.)
 * NEW_KEY whose encrypt and decrypt use different cipher families (none /
   GCM / ChaCha) is EINVAL: data planes hold one cipher per key.  AES names
   with a different key length behave as in the kernel (the length wins).
@@ -40,6 +47,12 @@ Where the engine deliberately differs from the kernel:
   peer when the armed timer fires, as in the kernel.
 * Replay protection is on by default (``net.link.openvpn.replay_protection``
   defaults to 0 in the kernel).
+* Data path (see :mod:`.dataplane`): "transport in" counts only the
+  datagrams steered to the engine (the kernel counts every datagram on the
+  socket); past 2**32-1 TX packets a key stays refused (the kernel resets the
+  counter and reuses a nonce); with more than 1000 peers the steering falls
+  back to the opcode alone and P_DATA_V2 for unknown peer ids is dropped
+  (lost_data) instead of reaching the control plane.
 * Notifications cannot wake the control plane's socket (the kernel sets
   ``so_error = EAGAIN`` on it); controllers poll POLL_PKT/GET_PKT, which
   OpenVPN and bsd_ovpn's daemons do anyway.
@@ -454,10 +467,16 @@ class Engine:
         self._delete_peer(ifs, peer_id, DelReason.REQUESTED)
 
     def _delete_peer(self, ifs: IfState, peer_id: int, reason: DelReason) -> None:
+        """_ovpn_del_peer + ovpn_peer_release_ref: notify, and with the last peer
+        gone release the socket (ovpn_rele_so unhooks it and forgets it)."""
         del ifs.peers[peer_id]
         counters = ifs.dataplane.del_peer(peer_id)
         ifs.notify(Notification(NotifType.DEL_PEER, peer_id, reason, counters))
-        self.host.set_steering(ifs.name, sorted(ifs.peers))
+        if ifs.peers or ifs.socket is None:
+            self.host.set_steering(ifs.name, sorted(ifs.peers))
+        else:
+            self.host.unhook_socket(ifs.name, ifs.dataplane)
+            ifs.socket = None
 
     def _new_key(self, ifs: IfState, nvl: nv.NVList | None) -> None:
         if nvl is None:

@@ -206,7 +206,11 @@ class EngineDaemon:
         last_routes = 0.0
         try:
             while not self._stop:
-                deadline = self.engine.tick()
+                try:
+                    deadline = self.engine.tick()
+                except Exception:                # keep serving; the log says what broke
+                    log.exception("engine: timer/notification processing failed")
+                    deadline = None
                 now = time.monotonic()
                 wait = 0.25 if deadline is None else min(0.25, max(0.0, deadline - now))
                 for key, _ in self.sel.select(wait):
@@ -216,7 +220,10 @@ class EngineDaemon:
                         self._serve(key.fileobj)
                 if now - last_routes >= ROUTE_REFRESH:
                     last_routes = now
-                    self.engine.refresh_routes()
+                    try:
+                        self.engine.refresh_routes()
+                    except Exception:
+                        log.exception("engine: reading the routing table failed")
         finally:
             self.shutdown()
 

@@ -77,6 +77,7 @@ UDP_HEADER = 8
 SEQ_ROTATE = 0x80000000
 SEQ_MAX = 0xFFFFFFFF
 REPLAY_WINDOW = 64          # the kernel's bitmap width
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)     # Python 3.11 lacks the name (Linux: 8)
 
 
 @dataclass
@@ -537,7 +538,8 @@ class PythonDataPlane:
         if udp is None:
             return
         try:
-            if local is not None and self._pktinfo_ok and local[0] == dest[0]:
+            if (local is not None and self._pktinfo_ok and local[0] == dest[0]
+                    and any(local[1])):
                 udp.sendmsg([wire], [_pktinfo(local, udp.family)], 0, _dest_for(dest, udp.family))
             else:
                 udp.sendto(wire, _dest_for(dest, udp.family))
@@ -607,8 +609,11 @@ def vars_of(counters: PeerCounters) -> dict[str, int]:
 
 
 def _pktinfo(local: Addr, family: int) -> tuple[int, int, bytes]:
-    """Ancillary data choosing the source address (the peer's ``local``)."""
-    if family == socket.AF_INET6:
-        addr = local[1] if local[0] == 6 else b"\0" * 10 + b"\xff\xff" + local[1]
-        return socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, addr + struct.pack("=I", 0)
-    return socket.IPPROTO_IP, socket.IP_PKTINFO, struct.pack("=I4s4s", 0, local[1], bytes(4))
+    """Ancillary data choosing the source address (the peer's ``local``, multihome).
+
+    An IPv4 source uses IP_PKTINFO even on a dual-stack IPv6 socket: Linux
+    sends to a v4-mapped destination through the IPv4 path, which reads it.
+    """
+    if local[0] == 6:
+        return socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, local[1] + struct.pack("=I", 0)
+    return socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=I4s4s", 0, local[1], bytes(4))

@@ -244,9 +244,17 @@ def run_manual(argv: list[str] | None = None) -> int:
     import json
     import signal
     import socket as socketmod
+    import subprocess
     import sys
 
     from bsd_ovpn.engine import tun as tunmod
+    from bsd_ovpn.errors import OvpnError
+
+    def hexbytes(text: str) -> bytes:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not hex: {text!r}") from None
 
     ap = argparse.ArgumentParser(prog="python3 -m bsd_ovpn.engine.fastpath")
     ap.add_argument("--tun", required=True)
@@ -259,14 +267,17 @@ def run_manual(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-id", type=int, default=0)
     ap.add_argument("--cipher", default="AES-256-GCM")
     for name in ("enc-key", "enc-iv", "dec-key", "dec-iv"):
-        ap.add_argument(f"--{name}", default="", help="hex")
+        ap.add_argument(f"--{name}", type=hexbytes, default=b"", help="hex")
     ap.add_argument("--extra-peers", type=int, default=0)
     ap.add_argument("--no-offload", action="store_true", help="no UDP GSO/GRO")
     args = ap.parse_args(argv)
 
-    bind, remote = _hostport(args.bind), _hostport(args.remote)
+    try:
+        bind, remote = _hostport(args.bind), _hostport(args.remote)
+        dev = tunmod.LinuxTun(args.tun, mtu=args.mtu)
+    except (OvpnError, OSError) as exc:
+        ap.error(str(exc))
     fam = socketmod.AF_INET6 if ":" in bind[0] else socketmod.AF_INET
-    dev = tunmod.LinuxTun(args.tun, mtu=args.mtu)
     udp = socketmod.socket(fam, socketmod.SOCK_DGRAM)
     dp = FastDataPlane()
 
@@ -275,18 +286,15 @@ def run_manual(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        for opt, size in ((socketmod.SO_RCVBUF, 4 << 20), (socketmod.SO_SNDBUF, 4 << 20)):
-            udp.setsockopt(socketmod.SOL_SOCKET, opt, size)
-        udp.bind(bind)
+        udp.bind(bind)              # OS-default buffers, as a stock openvpn has
         dp.add_peer(args.peer_id, remote, None, None, None)
-        dp.set_key(args.peer_id, 0, args.key_id, args.cipher,
-                   bytes.fromhex(args.enc_key), bytes.fromhex(args.enc_iv),
-                   bytes.fromhex(args.dec_key), bytes.fromhex(args.dec_iv))
+        dp.set_key(args.peer_id, 0, args.key_id, args.cipher, args.enc_key, args.enc_iv,
+                   args.dec_key, args.dec_iv)
         for i in range(args.extra_peers):
             pid = args.peer_id + 1 + i
             dp.add_peer(pid, (remote[0], 1024 + i % 60000), None,
                         None, (_EXTRA_VPN6 | pid).to_bytes(16, "big"))
-            n = 0 if args.cipher == "none" else len(bytes.fromhex(args.enc_key))
+            n = 0 if args.cipher == "none" else len(args.enc_key)
             dp.set_key(pid, 0, 0, args.cipher, os.urandom(n), os.urandom(8) if n else b"",
                        os.urandom(n), os.urandom(8) if n else b"")
         dp.offload = not args.no_offload
@@ -294,7 +302,8 @@ def run_manual(argv: list[str] | None = None) -> int:
         dp.set_running(True)
         dev.set_up()
         for cidr in args.tun_addr:
-            tunmod._ip("addr", "add", cidr, "dev", dev.name)
+            subprocess.run(["ip", "addr", "add", cidr, "dev", dev.name], check=True,
+                           capture_output=True, timeout=10)
         gso, gro = dp.offload_state()
         print("READY " + json.dumps({"peers": dp.peer_count(), "gso": gso, "gro": gro,
                                      **_memory_kb()}), flush=True)
@@ -305,6 +314,9 @@ def run_manual(argv: list[str] | None = None) -> int:
             pass
         c = dp.iface_counters()
         print("DONE " + json.dumps({**vars_of_iface(c), **_memory_kb()}), flush=True)
+    except (OvpnError, OSError, subprocess.SubprocessError) as exc:
+        print(f"fastpath: {exc}", file=sys.stderr)
+        return 1
     finally:
         dp.close()
         udp.close()

@@ -63,7 +63,10 @@ class EngineTransport:
         with self._lock:
             try:
                 self._sock.sendmsg([msg], anc)
-                reply = self._sock.recv(_MAX_REPLY)
+                # learn the reply's size first (MSG_TRUNC gives the real length on
+                # Linux) so a large GET_PEER_STATS needs no huge fixed buffer
+                size = self._sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+                reply = self._sock.recv(min(max(size, 1), _MAX_REPLY))
             except OSError as exc:
                 raise EngineNotRunning(f"userspace engine at {self.path} went away: "
                                        f"{exc.strerror}") from exc

@@ -169,6 +169,25 @@ class ServerEndpoint:
         s.close(now)
         self._collect(c)
 
+    def float_client(self, peer_id: int, new_addr: Addr) -> None:
+        """Move a client's control channel to ``new_addr`` (if_ovpn reported FLOAT).
+
+        The data channel already authenticated packets from there, so the
+        control packets will come from the new address too.  A stale client
+        sitting at ``new_addr`` is ended as ``replaced``.
+        """
+        c = self._by_peer_id.get(peer_id)
+        if c is None:
+            raise LocalProtocolError(f"no client with peer_id {peer_id}")
+        if c.addr == new_addr:
+            return
+        stale = self._clients.get(new_addr)
+        if stale is not None:
+            self._remove(stale, f"peer_id {peer_id} floated to its address")
+        self._clients.pop(c.addr, None)
+        c.addr = new_addr
+        self._clients[new_addr] = c
+
     # ------------------------------------------------------------------ stateless part
     def _is_new_attempt(self, client: _Client, data: bytes, opcode: int) -> bool:
         """A packet from a known address that belongs to a different (new) session."""

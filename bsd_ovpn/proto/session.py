@@ -326,6 +326,8 @@ class Session:
                 times.append(ks.must_die)
         if self._closing is not None:
             times.append(self._closing[0])
+            if self._flushed():
+                times.append(float("-inf"))       # goodbye acknowledged: end now
         if self._push_request_due is not None:
             times.append(self._push_request_due)
         p = self.primary
@@ -345,8 +347,7 @@ class Session:
             return
         if self._closing is not None:
             deadline, reason, message = self._closing
-            p = self.primary
-            if now >= deadline or p is None or (p.send.empty() and not p.tls_out):
+            if now >= deadline or self._flushed():
                 self._terminate(reason, message)
                 return
         for ks in self._key_states():
@@ -385,6 +386,11 @@ class Session:
             if self.ping > 0 and now >= self._last_sent + self.ping:
                 self._events.append(ev.SendPing())
                 self._last_sent = now
+
+    def _flushed(self) -> bool:
+        """Nothing left to send or acknowledge on the primary key (closing may end)."""
+        p = self.primary
+        return p is None or (p.send.empty() and not p.tls_out and not p.acks.has_pending())
 
     def renegotiate(self, now: float) -> None:
         """Start a soft reset now (reneg-sec, or if_ovpn's ROTATE_KEY notification)."""
@@ -494,13 +500,15 @@ class Session:
         if self.remote_sid is None:
             if op is not Opcode.P_CONTROL_HARD_RESET_SERVER_V2:
                 raise SessionError(f"{op.name} before the server's reset")
-            self.remote_sid = pkt.session_id
         elif pkt.session_id != self.remote_sid:
             raise SessionError(f"{op.name} from unknown session id {pkt.session_id.hex()} "
                                f"(expected {self.remote_sid.hex()})")
         if pkt.acks and pkt.remote_session_id != self.local_sid:
+            assert pkt.remote_session_id is not None
             raise SessionError(f"{op.name} acknowledges for session "
                                f"{pkt.remote_session_id.hex()}, ours is {self.local_sid.hex()}")
+        if self.remote_sid is None:
+            self.remote_sid = pkt.session_id
         ks = self._key_state_by_id(pkt.key_id)
         if op is Opcode.P_CONTROL_SOFT_RESET_V1 and (ks is None or ks is self.lame_duck):
             p = self.primary
@@ -844,7 +852,8 @@ class Session:
     def _make_dyn_wrap(self, ks: KeyState) -> Any:
         assert ks.tls is not None
         ekm = ks.tls.export_keying_material(DYN_TLS_CRYPT_LABEL, 256)
-        base = getattr(self.wrap, "kc", None) or self.settings.wrap_key
+        base = (getattr(self.wrap, "base_key", None) or getattr(self.wrap, "kc", None)
+                or self.settings.wrap_key)
         if isinstance(self.wrap, NoWrap):
             base = None
         return dynamic_tls_crypt(ekm, base, self.server)
@@ -906,7 +915,8 @@ class Session:
             self._send_push_reply(now)
         elif text == "EXIT":
             self._events.append(ev.ExitReceived())
-            self._terminate("exit", "client sent EXIT")
+            # acknowledge the EXIT before forgetting the client
+            self._closing = (now + 1.0, "exit", "client sent EXIT")
         else:
             log.debug("ignoring control message from client: %r", text[:80])
 

@@ -108,7 +108,9 @@ class Tunnel:
         self.workdir = workdir
         self.keys = {n: (os.urandom(32), os.urandom(8)) for n in ("server", "client")}
 
-    def start(self, *, outer6: bool = False, client_bind: str | None = None) -> None:
+    def start(self, *, outer6: bool = False, client_bind: str | None = None,
+              server_dual_stack: bool = False, server_local: str | None = None,
+              start_client: bool = True) -> None:
         two = self.two
         srv_ip, cli_ip = (two.server_ip6, two.client_ip6) if outer6 else (two.server_ip,
                                                                           two.client_ip)
@@ -118,13 +120,19 @@ class Tunnel:
             tr = EngineTransport(path)
             ifc = Interface.create("ovpn", transport=tr)
             bind = client_bind if (name == "client" and client_bind) else me
-            sock = in_netns(host, lambda bind=bind: make_udp_socket((bind, PORT)))
-            ifc.new_peer(PEER_ID, sock, (other, PORT))
+            remote, local = other, None
+            if name == "server" and server_dual_stack:
+                bind, remote = "::", f"::ffff:{other}"
+                local = (f"::ffff:{server_local}", 0) if server_local else None
+            sock = in_netns(host, lambda bind=bind: make_udp_socket(
+                (bind, PORT), v6only=False if bind == "::" else None))
+            ifc.new_peer(PEER_ID, sock, (remote, PORT), local=local)
             self.sides[name] = Side(name, host, proc, path, tr, ifc, sock, *self.keys[name])
         for name, other in (("server", "client"), ("client", "server")):
             s = self.sides[name]
             self.install(s, slot=0, key_id=0, tx=self.keys[name], rx=self.keys[other])
-            s.ifc.start_vpn()
+            if name == "server" or start_client:
+                s.ifc.start_vpn()
             s.host.run(["ip", "addr", "add", TUN[name], "peer", TUN[other], "dev", s.ifc.name])
 
     @staticmethod
@@ -424,7 +432,7 @@ def test_float_moves_the_peer_and_notifies(two_hosts: TwoHosts) -> None:
         assert len(notes) == 1, notes
         note = notes[0]
         assert note.peer_id == PEER_ID
-        assert (str(note.address.host), note.address.port) == ("192.0.2.3", PORT)
+        assert (str(note.address.address), note.address.port) == ("192.0.2.3", PORT)
     finally:
         t.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -486,3 +494,56 @@ def test_server_routes_among_peers_and_iroutes(lab) -> None:
             except Exception:
                 pass
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("server_local", [None, "192.0.2.1"])
+def test_dual_stack_server_socket_with_ipv4_client(two_hosts: TwoHosts, server_local) -> None:
+    """A server on [::]:1194 (v6only off) and a v4-mapped remote, as OpenVPN's udp6 does;
+    with ``local`` (multihome) the source address is chosen per packet."""
+    workdir = tempfile.mkdtemp(prefix="h6eng-")
+    t = Tunnel(two_hosts, workdir, "python")
+    try:
+        t.start(server_dual_stack=True, server_local=server_local)
+        two_hosts.server.run(["ip", "addr", "add", "192.0.2.9/24", "dev", two_hosts.server_if])
+        assert two_hosts.client.ping(TUN["server"], count=3, timeout=10)
+        assert two_hosts.server.ping(TUN["client"], count=3, timeout=10)
+        assert list(t.sides["server"].ifc.iter_notifications()) == []     # no float
+    finally:
+        t.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_link_down_until_start_vpn(two_hosts: TwoHosts) -> None:
+    """Before START_VPN the interface carries nothing; TX is dropped and counted."""
+    workdir = tempfile.mkdtemp(prefix="h6eng-")
+    t = Tunnel(two_hosts, workdir, "python")
+    try:
+        t.start(start_client=False)
+        cli = t.sides["client"]
+        assert not two_hosts.client.ping(TUN["server"], count=1, timeout=1)   # tun is down
+        two_hosts.client.run(["ip", "link", "set", "dev", cli.ifc.name, "up"])  # up by hand
+        with pytest.raises(Exception) as exc:                  # IFF_UP: SET_IFMODE is EBUSY
+            cli.ifc.set_ifmode("subnet")
+        assert getattr(exc.value, "errno", None) == 16
+        assert not two_hosts.client.ping(TUN["server"], count=2, timeout=1.5)
+        assert cli.ifc.stats().lost_data.out >= 2                # routed in, dropped
+        assert cli.ifc.peer_stats()[PEER_ID].packets_out == 0
+        cli.ifc.start_vpn()
+        assert two_hosts.client.ping(TUN["server"], count=2, timeout=10)
+    finally:
+        t.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_peer_re_added_on_the_same_socket(tunnel: Tunnel) -> None:
+    """A client reconnect: DEL_PEER (the socket is released), NEW_PEER + NEW_KEY again."""
+    two = tunnel.two
+    srv = tunnel.sides["server"]
+    assert two.client.ping(TUN["server"], count=1, timeout=10)
+    srv.ifc.del_peer(PEER_ID)
+    assert not two.client.ping(TUN["server"], count=1, timeout=1)
+    srv.ifc.new_peer(PEER_ID, srv.sock, (two.client_ip, PORT))
+    Tunnel.install(srv, slot=0, key_id=0, tx=tunnel.keys["server"], rx=tunnel.keys["client"])
+    srv.ifc.start_vpn()
+    # the client's sequence numbers went on; the server's new key accepts them
+    assert two.client.ping(TUN["server"], count=3, timeout=10)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -90,6 +89,8 @@ def test_probe_wrappings(two_hosts: Any, stock_openvpn: Any, pki: Any, wrap_keys
     assert "topology subnet" in data["pushed"]
     assert any(o.startswith("ifconfig 198.51.100.") for o in data["pushed"])
     srv.wait_for(r"Peer Connection Initiated with", 10)
+    # the probe said goodbye on the control channel (cc-exit EXIT), the server let go at once
+    srv.wait_for(r"exit message received by peer", 10)
 
 
 @pytest.mark.parametrize("cipher", ["AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305"])
@@ -246,6 +247,10 @@ def test_renegotiation_every_5s(two_hosts: Any, stock_openvpn: Any, pki: Any, wr
             peer = stock_openvpn.server(two_hosts.server, wrap="tls-crypt", local=SERVER_IP,
                                         reneg_sec=stock_reneg, keepalive=(1, 4))
         peer.wait_ready(30)
+        # a stock 2.6 peer and we both announce EKM + dynamic tls-crypt: renegotiations
+        # below run with the dynamic tls-crypt key (spec §5.5)
+        push = helper.wait(lambda d: d.get("event", "").startswith("PushReply"), 10, "push")
+        assert "protocol-flags cc-exit tls-ekm dyn-tls-crypt" in push["options"], push
         for kid in (1, 2, 3):
             helper.wait(lambda d, k=kid: d.get("event") == "KeysReady" and d["key_id"] == k,
                         25, f"keys for key_id {kid}")
@@ -308,6 +313,10 @@ def _helper_main(argv: list[str]) -> int:     # pragma: no cover - runs in a nam
     factory: Any = None
     v2: Any = None
     cwrap: Any = None
+    if a.wrap in ("tls-auth", "tls-crypt"):
+        settings.wrap_key = StaticKey.load(a.wrap_key)
+    elif a.wrap == "tls-crypt-v2" and not server:
+        settings.wrap_key = TLSCryptV2ClientKey.load(a.wrap_key).kc
     if a.wrap == "none":
         factory, cwrap = NoWrap, NoWrap()
     elif a.wrap == "tls-auth":
@@ -366,6 +375,10 @@ def _helper_main(argv: list[str]) -> int:     # pragma: no cover - runs in a nam
                     dc.encrypt(PING_MAGIC))
         elif isinstance(e, ev.ConnectionTerminated):
             out(event=name, reason=e.reason, message=e.message)
+        elif isinstance(e, ev.PushReplyReceived):
+            out(event=name, options=list(e.raw))
+        elif isinstance(e, ev.PushReplySent):
+            out(event=name, options=list(e.options))
         else:
             out(event=name, text=str(e)[:300])
 

@@ -715,3 +715,39 @@ def test_reply_vectors_json_agree_with_engine_key_order():
     j = json.loads((VEC / "kreply_get_stats.json").read_text())
     assert [p[0] for p in j["pairs"]] == ["lost_ctrl", "lost_data", "nomem_data", "data", "ctrl",
                                           "tunnel", "transport"]
+
+
+def test_rotate_and_float_from_real_packets(eng, socks):
+    """The data plane's own events reach GET_PKT (no injected events)."""
+    s = socks()
+    assert add_peer(eng, s) == 0
+    assert eng.handle_set("ovpn0", C.OVPN_NEW_KEY, pk(key_nvl())) == 0
+    assert eng.handle_set("ovpn0", C.OVPN_START_VPN, None) == 0
+    dp = eng.interfaces["ovpn0"].dataplane
+    dp.rotate_threshold = 2
+    ip = bytes([0x45]) + bytes(19)
+    wires = [dp.handle_tun_packet(ip)[0] for _ in range(3)]
+    (n,) = drain(eng)
+    assert (n["peerid"], n["notification"]) == (7, NotifType.ROTATE_KEY)
+    # the same key both ways (key_nvl): our own packets decrypt; one from a new address
+    assert dp.handle_datagram(wires[0], ("192.0.2.1", 1194)) is not None
+    assert drain(eng) == []
+    assert dp.handle_datagram(wires[1], ("192.0.2.50", 5000)) is not None
+    (n,) = drain(eng)
+    assert n["notification"] == NotifType.FLOAT
+    assert n["address"]["address"] == bytes([192, 0, 2, 50])
+    assert n["address"]["port"] == socket.htons(5000)
+    assert dp.handle_tun_packet(ip)[1][1] == bytes([192, 0, 2, 50])   # TX follows
+
+
+def test_last_peer_releases_the_socket(eng, socks, host):
+    """ovpn_rele_so: with the last peer gone the socket is unhooked and forgotten."""
+    s = socks()
+    assert add_peer(eng, s, peer_id=1) == 0
+    assert add_peer(eng, s, peer_id=2) == 0
+    assert eng.handle_set("ovpn0", C.OVPN_DEL_PEER, pk({"peerid": 1})) == 0
+    assert host.hooked == {"ovpn0": s.fileno()} and host.steering["ovpn0"] == [2]
+    assert eng.handle_set("ovpn0", C.OVPN_DEL_PEER, pk({"peerid": 2})) == 0
+    assert host.hooked == {} and eng.interfaces["ovpn0"].socket is None
+    assert add_peer(eng, s, peer_id=1) == 0                  # the same socket, hooked again
+    assert host.hook_log == [("hook", "ovpn0"), ("unhook", "ovpn0"), ("hook", "ovpn0")]

@@ -179,6 +179,7 @@ def test_second_daemon_on_the_same_socket_is_refused(daemon):
         EngineDaemon(path, engine=Engine(Host()))
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the socket to root:<group> needs root")
 def test_group_socket_is_0660(tmp_path):
     path = str(tmp_path / "g.sock")
     d = EngineDaemon(path, group="root", engine=Engine(Host()))
@@ -188,3 +189,18 @@ def test_group_socket_is_0660(tmp_path):
     finally:
         d.shutdown()
     assert not os.path.exists(path)
+
+
+def test_large_peer_stats_reply(daemon):
+    """GET_PEER_STATS grows its buffer on ENOSPC; a reply far above 4096 bytes arrives whole."""
+    _, _, path = daemon
+    udp = make_udp_socket(("127.0.0.1", 0))
+    try:
+        with EngineTransport(path) as tr, Interface.create("ovpn", transport=tr) as ifc:
+            for peer_id in range(300):
+                ifc.new_peer(peer_id, udp, ("192.0.2.1", 1194))
+            stats = ifc.peer_stats()
+            assert sorted(stats) == list(range(300))
+            assert len(tr.query(ifc.name, Command.OVPN_GET_PEER_STATS, 1 << 20)) > 30000
+    finally:
+        udp.close()

@@ -5,12 +5,12 @@ duplicate or reorder packets by plain function calls, with a fake clock.
 """
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from collections.abc import Callable
 
 import pytest
 
+from bsd_ovpn.errors import LocalProtocolError
 from bsd_ovpn.ifovpn import KeySlot
 from bsd_ovpn.proto import events as ev
 from bsd_ovpn.proto.cookie import CookieJar
@@ -172,7 +172,17 @@ def _check_keys_match(c: ev.KeysReady, s: ev.KeysReady) -> None:
 @pytest.mark.parametrize("ekm", [False, True])
 def test_full_handshake_keys_agree(tls: tuple[TLSConfig, TLSConfig], wrap: str, ekm: bool) -> None:
     net = Net(*tls, wrap=wrap, client_kw={"ekm": ekm})
+    sizes: list[int] = []
+
+    def record(i: int, d: bytes) -> list[bytes]:
+        sizes.append(len(d))
+        return [d]
+
+    net.to_server = net.to_client = record
     net.run(net.established)
+    # max-packet-size 1250 includes the 28 bytes of IPv4 + UDP headers (spec §4.1);
+    # the ClientHello (ML-KEM key share) needs more than one packet
+    assert max(sizes) <= 1250 - 28 and max(sizes) > 1100
     (ck,), (sk,) = net.keys(net.c_events), net.keys(net.s_events)
     _check_keys_match(ck, sk)
     assert ck.slot is KeySlot.PRIMARY and sk.slot is KeySlot.PRIMARY
@@ -324,6 +334,7 @@ def test_renegotiation_three_times_and_key_id_wrap(tls: tuple[TLSConfig, TLSConf
     net.run(net.established)
     # dynamic tls-crypt is negotiated exactly when EKM is
     assert net.client.dyn_tls_crypt == net.server_session.dyn_tls_crypt == ekm
+    assert (net.client._wrap_for(1) is not net.client.wrap) == ekm
     seen = [0]
     for i in range(9):                      # 0 -> 1..7 -> 1 -> 2
         _rekey(net, from_client=i % 2 == 0)
@@ -433,3 +444,41 @@ def test_max_clients(tls: tuple[TLSConfig, TLSConfig]) -> None:
     assert not net.endpoint.receive_datagram(ack.encode(), second, net.now)
     assert "max-clients" in (net.endpoint.last_error or "")
     assert len(net.endpoint) == 1
+
+
+def test_tls_crypt_v2_without_early_negotiation_is_stateful(
+        tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, wrap="tls-crypt-v2")
+    net.client.wrap.send_packet_id = 0      # a 2.5-style client: no 0x0f000000 marker
+    (reset,) = net.client.datagrams_to_send(net.now)
+    assert net.endpoint.receive_datagram(reset, CLIENT_ADDR, net.now)
+    assert len(net.endpoint) == 1           # state right away (spec §6.3, last paragraph)
+    assert net.endpoint.cookie_resets_sent == 0
+    net.run(net.established)
+    _check_keys_match(net.keys(net.c_events)[0], net.keys(net.s_events)[0])
+    assert not net.client.resend_wkc
+
+
+def test_force_cookie_ignores_old_tls_crypt_v2_clients(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, wrap="tls-crypt-v2", endpoint_kw={"force_cookie": True})
+    net.client.wrap.send_packet_id = 0
+    (reset,) = net.client.datagrams_to_send(net.now)
+    assert not net.endpoint.receive_datagram(reset, CLIENT_ADDR, net.now)
+    assert len(net.endpoint) == 0 and "force-cookie" in net.endpoint.last_error
+
+
+def test_float_client_moves_the_control_channel(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls)
+    net.run(lambda: net.established()
+            and net.server_session.primary.state is KSState.GENERATED_KEYS)
+    new = ("192.0.2.7", 50000)
+    net.endpoint.float_client(0, new)
+    assert net.endpoint.session_for(CLIENT_ADDR) is None
+    s = net.endpoint.session_for(new)
+    assert s is not None and net.endpoint.session_by_peer_id(0) is s
+    net.client.renegotiate(net.now)
+    for d in net.client.datagrams_to_send(net.now):
+        assert net.endpoint.receive_datagram(d, new, net.now)
+    assert {a for d, a in net.endpoint.datagrams_to_send(net.now)} == {new}
+    with pytest.raises(LocalProtocolError):
+        net.endpoint.float_client(9, new)

@@ -1,0 +1,319 @@
+"""``ovpnctl server`` / ``ovpnctl client`` against stock OpenVPN 2.6 and each other.
+
+Each side runs in its own network namespace with its own userspace engine
+daemon (the if_ovpn stand-in on Linux); the daemons are started as real
+processes with the real CLI, so signals, the control socket and cleanup are
+tested the way an admin uses them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bsd_ovpn.testbed.fixtures import TwoHosts
+from bsd_ovpn.testbed.hosts import Host
+from bsd_ovpn.testbed.stockovpn import OvpnConfig, WrapKeys
+from bsd_ovpn.testbed.pki import PKI
+
+pytestmark = [pytest.mark.netns, pytest.mark.openvpn]
+REPO = Path(__file__).resolve().parents[2]
+SERVER_VPN, FIRST_CLIENT_VPN = "198.51.100.1", "198.51.100.2"
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_log(self, needle: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n{self.text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no {needle!r} within {timeout} s:\n"
+                                     f"{self.text()[-4000:]}")
+            time.sleep(0.1)
+
+
+class Daemons:
+    """Engine daemons and ovpnctl processes of one test; all stopped at teardown."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def _popen(self, host: Host, name: str, argv: list[str]) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with open(log, "w") as f:
+            p = host.popen(argv, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=str(REPO))
+        proc = Proc(name, p, log)
+        self.procs.append(proc)
+        return proc
+
+    def engine(self, host: Host, name: str) -> str:
+        path = str(self.workdir / f"{name}-engine.sock")
+        p = self._popen(host, f"{name}-engine",
+                        [sys.executable, "-m", "bsd_ovpn.engine", "--socket", path])
+        deadline = time.monotonic() + 15
+        while not os.path.exists(path):
+            assert p.proc.poll() is None, p.text()
+            assert time.monotonic() < deadline, "engine did not start"
+            time.sleep(0.05)
+        return path
+
+    def ovpnctl(self, host: Host, name: str, role: str, config: Path, engine_sock: str) -> Proc:
+        ctl = str(self.workdir / f"{name}.ctl")
+        return self._popen(host, name, [
+            sys.executable, "-c", "from bsd_ovpn.cli import main; main()", role, "-c",
+            str(config), "--engine", "userspace", "--engine-socket", engine_sock,
+            "--control-socket", ctl, "-v"])
+
+    def stop(self, proc: Proc, timeout: float = 10.0) -> int:
+        if proc.proc.poll() is None:
+            proc.proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.proc.kill()
+            proc.proc.wait(5)
+            raise AssertionError(f"{proc.name} did not exit on SIGTERM:\n{proc.text()[-3000:]}")
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+                try:
+                    p.proc.wait(8)
+                except subprocess.TimeoutExpired:
+                    p.proc.kill()
+                    p.proc.wait(5)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, request: pytest.FixtureRequest):
+    d = Daemons(tmp_path)
+    try:
+        yield d
+    finally:
+        d.close()
+        for p in d.procs:
+            print(f"----- {p.name} log -----\n{p.text()[-3000:]}")
+
+
+def status(daemons: Daemons, name: str, host: Host) -> dict:
+    ctl = str(daemons.workdir / f"{name}.ctl")
+    res = host.run([sys.executable, "-c", "from bsd_ovpn.cli import main; main()", "status",
+                    "--json", "--control-socket", ctl], timeout=20)
+    return json.loads(res.stdout)
+
+
+def server_config(pki: PKI, keys: WrapKeys, two: TwoHosts, tmp: Path, **kw: object) -> Path:
+    cfg = OvpnConfig.server(pki, keys, local=two.server_ip, topology="subnet",
+                            keepalive=(2, 10), **kw)
+    path = tmp / "server.conf"
+    path.write_text(cfg.render())
+    return path
+
+
+def client_config(pki: PKI, keys: WrapKeys, two: TwoHosts, tmp: Path, name: str = "client",
+                  **kw: object) -> Path:
+    cfg = OvpnConfig.client(pki, keys, remote=two.server_ip, cert=pki.client(name), **kw)
+    path = tmp / f"{name}.conf"
+    path.write_text(cfg.render())
+    return path
+
+
+def engine_interfaces(path: str) -> list[str]:
+    from bsd_ovpn.engine.transport import EngineTransport
+
+    with EngineTransport(path) as tr:
+        return tr.list_interfaces()
+
+
+def ifaces_without_lo(host: Host) -> list[str]:
+    return [i for i in host.interfaces() if i != "lo"]
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.iperf3
+def test_stock_client_to_ovpnctl_server(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys,
+                                        stock_openvpn, daemons: Daemons, iperf,
+                                        tmp_path: Path) -> None:
+    two = two_hosts
+    before = ifaces_without_lo(two.server)
+    eng = daemons.engine(two.server, "srv")
+    status_file = tmp_path / "openvpn-status.log"
+    conf = server_config(pki, wrap_keys, two, tmp_path, subnet6="2001:db8:100::/64",
+                         extra=(f"status {status_file} 1", "status-version 2"))
+    srv = daemons.ovpnctl(two.server, "srv", "server", conf, eng)
+    srv.wait_log("listening on")
+    cli = stock_openvpn.client(two.client, remote=two.server_ip, cert=pki.client("alice"))
+    cli.wait_ready(30)
+    assert two.client.ping(SERVER_VPN, count=3, timeout=15), srv.text()[-3000:]
+    assert two.server.ping(FIRST_CLIENT_VPN, count=3, timeout=10)
+    assert two.client.ping("2001:db8:100::1", count=2, timeout=10)
+    assert two.server.ping("2001:db8:100::1000", count=2, timeout=10)
+    result = iperf.run(two.server, two.client, SERVER_VPN, seconds=2)
+    assert result.received_bps > 1e6
+    st = status(daemons, "srv", two.server)
+    assert st["role"] == "server" and st["engine"] == "userspace"
+    [c] = st["clients"]
+    assert c["common_name"] == "alice"
+    assert c["vpn_ipv4"] == FIRST_CLIENT_VPN
+    assert c["real_address"].startswith(two.client_ip + ":")
+    assert c["cipher"] == "AES-256-GCM" and c["key_id"] == 0
+    assert c["bytes_in"] > 1_000_000 and c["packets_out"] > 3
+    assert c["vpn_ipv6"] == "2001:db8:100::1000"
+    time.sleep(1.2)
+    rows = [r.split(",") for r in status_file.read_text().splitlines()]
+    [row] = [r for r in rows if r[0] == "CLIENT_LIST"]
+    assert row[1:5] == ["alice", c["real_address"], FIRST_CLIENT_VPN, "2001:db8:100::1000"]
+    assert int(row[5]) >= c["bytes_in"]
+    print(f"iperf3 through ovpnctl server: {result.received_bps / 1e6:.1f} Mbit/s; "
+          f"status bytes_in {c['bytes_in']}")
+    assert daemons.stop(srv) == 0
+    cli.wait_for(r"RESTART|SIGUSR1|Inactivity|EXIT", timeout=15)
+    assert ifaces_without_lo(two.server) == before
+    assert engine_interfaces(eng) == []
+
+
+def test_ovpnctl_client_to_stock_server(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys,
+                                        stock_openvpn, daemons: Daemons,
+                                        tmp_path: Path) -> None:
+    two = two_hosts
+    before = ifaces_without_lo(two.client)
+    stock_openvpn.server(two.server, local=two.server_ip, topology="subnet",
+                         keepalive=(2, 10)).wait_ready(30)
+    eng = daemons.engine(two.client, "cli")
+    cli = daemons.ovpnctl(two.client, "cli", "client",
+                          client_config(pki, wrap_keys, two, tmp_path, "bob"), eng)
+    cli.wait_log("Initialization Sequence Completed")
+    assert two.client.ping(SERVER_VPN, count=3, timeout=15), cli.text()[-3000:]
+    assert two.server.ping(FIRST_CLIENT_VPN, count=3, timeout=10)
+    st = status(daemons, "cli", two.client)
+    assert st["role"] == "client" and st["state"] == "connected"
+    [peer] = st["clients"]
+    assert peer["real_address"] == f"{two.server_ip}:1194"
+    assert peer["vpn_ipv4"] == FIRST_CLIENT_VPN and peer["packets_in"] >= 3
+    assert daemons.stop(cli) == 0
+    assert ifaces_without_lo(two.client) == before
+
+
+def test_ovpnctl_client_to_ovpnctl_server(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys,
+                                          daemons: Daemons, tmp_path: Path) -> None:
+    two = two_hosts
+    before = {h.name: ifaces_without_lo(h) for h in (two.server, two.client)}
+    # the server drops to nobody/nogroup after setup, as OpenVPN does with user/group
+    srv = daemons.ovpnctl(two.server, "srv", "server",
+                          server_config(pki, wrap_keys, two, tmp_path,
+                                        extra=("user nobody", "group nogroup")),
+                          daemons.engine(two.server, "srv"))
+    srv.wait_log("dropped privileges")
+    cli = daemons.ovpnctl(two.client, "cli", "client",
+                          client_config(pki, wrap_keys, two, tmp_path, "carol"),
+                          daemons.engine(two.client, "cli"))
+    cli.wait_log("Initialization Sequence Completed")
+    assert two.client.ping(SERVER_VPN, count=3, timeout=15), srv.text()[-2000:]
+    assert two.server.ping(FIRST_CLIENT_VPN, count=3, timeout=10)
+    sst = status(daemons, "srv", two.server)
+    cst = status(daemons, "cli", two.client)
+    [c] = sst["clients"]
+    [s] = cst["clients"]
+    assert c["common_name"] == "carol" and c["peer_id"] == s["peer_id"]
+    assert c["cipher"] == s["cipher"] == "AES-256-GCM"
+    # what one side sent, the other received (pings and keepalives both ways)
+    assert c["packets_in"] >= 3 and s["packets_in"] >= 3
+    # SIGTERM on the client: EXIT reaches the server, which forgets it at once
+    assert daemons.stop(cli) == 0
+    srv.wait_log("disconnected", timeout=10)
+    assert status(daemons, "srv", two.server)["clients"] == []
+    assert daemons.stop(srv) == 0
+    for h in (two.server, two.client):
+        assert ifaces_without_lo(h) == before[h.name]
+
+
+@pytest.mark.slow
+def test_stock_client_rekey_kill_and_sighup(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys,
+                                            stock_openvpn, daemons: Daemons,
+                                            tmp_path: Path) -> None:
+    """Server-initiated renegotiation (NEW_KEY slot 1, SWAP_KEYS) with a stock client,
+    ``ovpnctl kill``, and SIGHUP keeping the client."""
+    two = two_hosts
+    conf = server_config(pki, wrap_keys, two, tmp_path, extra=("reneg-sec 6",))
+    srv = daemons.ovpnctl(two.server, "srv", "server", conf, daemons.engine(two.server, "srv"))
+    srv.wait_log("listening on")
+    cli = stock_openvpn.client(two.client, remote=two.server_ip, cert=pki.client("dave"))
+    cli.wait_ready(30)
+    assert two.client.ping(SERVER_VPN, count=2, timeout=15)
+    # reneg-sec 6: new key in slot 1 at ~6 s, TX moves at +3 s (reneg-sec/2)
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        [c] = status(daemons, "srv", two.server)["clients"]
+        if c["key_id"] >= 1:
+            break
+        time.sleep(1)
+    assert c["key_id"] >= 1, srv.text()[-3000:]
+    assert two.client.ping(SERVER_VPN, count=3, timeout=10)
+    assert two.server.ping(FIRST_CLIENT_VPN, count=2, timeout=10)
+    # SIGHUP: config re-read, the client stays
+    srv.proc.send_signal(signal.SIGHUP)
+    srv.wait_log("reloaded")
+    assert [c["common_name"] for c in status(daemons, "srv", two.server)["clients"]] == ["dave"]
+    # kill: RESTART to the client, which reconnects
+    mark = cli.mark()
+    res = two.server.run([sys.executable, "-c", "from bsd_ovpn.cli import main; main()", "kill",
+                          "dave", "--control-socket", str(daemons.workdir / "srv.ctl")])
+    assert "disconnected peer id" in res.stdout
+    cli.wait_for(r"Initialization Sequence Completed", timeout=30, since=mark)
+    assert two.client.ping(SERVER_VPN, count=2, timeout=15)
+    assert daemons.stop(srv) == 0
+
+
+@pytest.mark.slow
+def test_ovpnctl_client_ping_restart_reconnects(two_hosts: TwoHosts, pki: PKI,
+                                                wrap_keys: WrapKeys, stock_openvpn,
+                                                daemons: Daemons, tmp_path: Path) -> None:
+    """The server vanishes: the engine's keepalive deletes the peer (DEL_PEER/TIMEOUT), the
+    client tears the tunnel down and reconnects once a server is back."""
+    two = two_hosts
+    first = stock_openvpn.server(two.server, local=two.server_ip, topology="subnet",
+                                 keepalive=(1, 3))
+    first.wait_ready(30)
+    eng = daemons.engine(two.client, "cli")
+    cli = daemons.ovpnctl(two.client, "cli", "client",
+                          client_config(pki, wrap_keys, two, tmp_path, "erin"), eng)
+    cli.wait_log("Initialization Sequence Completed")
+    assert two.client.ping(SERVER_VPN, count=2, timeout=15)
+    first.stop()
+    cli.wait_log("keepalive timeout", timeout=20)
+    assert engine_interfaces(eng) == []          # torn down while the server is away
+    stock_openvpn.server(two.server, local=two.server_ip, topology="subnet",
+                         keepalive=(1, 3), name="server2").wait_ready(30)
+    deadline = time.monotonic() + 40
+    while cli.text().count("Initialization Sequence Completed") < 2:
+        assert time.monotonic() < deadline, cli.text()[-3000:]
+        time.sleep(0.2)
+    assert two.client.ping(SERVER_VPN, count=2, timeout=15)
+    assert daemons.stop(cli) == 0
+    assert engine_interfaces(eng) == []

@@ -1,0 +1,619 @@
+"""The daemons' glue, in memory: which if_ovpn calls happen, in which order.
+
+The server daemon runs against a RecordingTransport (the kernel stand-in that
+records every request) with a real client Session talking to it through a
+list; the client daemon runs against a real ServerEndpoint the same way.
+Notifications (DEL_PEER/TIMEOUT, ROTATE_KEY, FLOAT) are scripted GET_PKT
+replies, packed exactly as the kernel packs them.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+
+import pytest
+
+from bsd_ovpn import config as configmod
+from bsd_ovpn import nv
+from bsd_ovpn.daemon.client import ClientDaemon
+from bsd_ovpn.daemon.netcfg import RecordingNetConfig
+from bsd_ovpn.daemon.server import ServerDaemon
+from bsd_ovpn.daemon.status import render_prometheus, render_status_file, render_text
+from bsd_ovpn.errors import ConfigError
+from bsd_ovpn.ifovpn import Command
+from bsd_ovpn.interface import Interface
+from bsd_ovpn.proto import events as ev
+from bsd_ovpn.proto.cookie import CookieJar
+from bsd_ovpn.proto.keyfile import StaticKey
+from bsd_ovpn.proto.server import ServerEndpoint, ServerSettings
+from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.proto.tls import TLSConfig
+from bsd_ovpn.proto.wrap import TLSCrypt
+from bsd_ovpn.testbed.pki import PKI
+from bsd_ovpn.transport import RecordingTransport
+
+CLIENT_ADDR = ("192.0.2.2", 40000)
+SERVER_ADDR = ("192.0.2.1", 1194)
+C = Command
+
+
+@pytest.fixture(scope="module")
+def files(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("daemon")
+    srv, cli = pki.server(), pki.client("alice")
+    key = StaticKey.generate()
+    out = {"dir": d, "ca": Path(pki.ca_path), "scert": Path(srv.cert_path),
+           "skey": Path(srv.key_path), "ccert": Path(cli.cert_path), "ckey": Path(cli.key_path),
+           "tc": d / "tc.key"}
+    out["tc"].write_text(key.format())
+    out["tc"].chmod(0o600)
+    return out
+
+
+def server_config(files: dict[str, Path], extra: str = "") -> configmod.Config:
+    text = f"""port 1194
+proto udp
+dev tun
+topology subnet
+server 198.51.100.0 255.255.255.0
+keepalive 10 60
+ca {files['ca']}
+cert {files['scert']}
+key {files['skey']}
+dh none
+tls-crypt {files['tc']}
+data-ciphers AES-256-GCM:AES-128-GCM
+{extra}
+"""
+    path = files["dir"] / "server.conf"
+    path.write_text(text)
+    return configmod.load(str(path))
+
+
+def client_config(files: dict[str, Path], extra: str = "") -> configmod.Config:
+    text = f"""client
+dev tun
+proto udp
+remote 192.0.2.1 1194
+nobind
+ca {files['ca']}
+cert {files['ccert']}
+key {files['ckey']}
+tls-crypt {files['tc']}
+remote-cert-tls server
+data-ciphers AES-256-GCM
+connect-retry 1
+{extra}
+"""
+    path = files["dir"] / "client.conf"
+    path.write_text(text)
+    return configmod.load(str(path))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def calls(tr: RecordingTransport) -> list[str]:
+    """The transport calls as short names: NEW_PEER, create_interface, ..."""
+    out = []
+    for c in tr.calls:
+        if c.method == "request":
+            out.append(Command(c.command).name.removeprefix("OVPN_"))
+        elif c.method == "query":
+            continue
+        else:
+            out.append(c.method)
+    return out
+
+
+def last(tr: RecordingTransport, cmd: Command):
+    return [c for c in tr.calls if c.method == "request" and c.command == cmd][-1].nvlist()
+
+
+def notif(**kw) -> bytes:
+    return nv.pack(kw)
+
+
+def stats_reply(peer_id: int = 0, *, bytes_in: int = 500, bytes_out: int = 600,
+                packets_in: int = 5, packets_out: int = 6) -> bytes:
+    return nv.pack({"peers": [{"peerid": peer_id, "packets": {"in": packets_in,
+                                                              "out": packets_out},
+                               "bytes": {"in": bytes_in, "out": bytes_out}}]})
+
+
+# --------------------------------------------------------------------------- server side
+
+class ServerNet:
+    """ServerDaemon (recording kernel) <-> real client Sessions, through lists."""
+
+    def __init__(self, files: dict[str, Path], extra: str = "", *, username: str | None = None,
+                 password: str | None = None) -> None:
+        self.files = files
+        self.clock = Clock()
+        self.cfg = server_config(files, extra)
+        self.tr = RecordingTransport(["tun0"])
+        self.ifc = Interface("tun0", self.tr)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))          # NEW_PEER needs a bound socket
+        self.net = RecordingNetConfig()
+        self.out: list[tuple[bytes, tuple]] = []
+        self.pending: list = []
+        self.d = ServerDaemon(self.cfg, ifc=self.ifc, sock=self.sock,
+                              send=lambda data, addr: self.out.append((data, addr)),
+                              netcfg=self.net, engine="test", clock=self.clock,
+                              wall=lambda: 1.7e9 + self.clock.t,
+                              call_soon=self.pending.append, cookie_jar=CookieJar(b"k" * 32, 60))
+        self.clients: dict[tuple, tuple[Session, list[ev.Event]]] = {}
+        self.client_addr = CLIENT_ADDR
+        self.client, self.c_events = self.add_client(CLIENT_ADDR, username=username,
+                                                     password=password)
+
+    def add_client(self, addr: tuple, *, username: str | None = None,
+                   password: str | None = None) -> tuple[Session, list[ev.Event]]:
+        f = self.files
+        ctls = TLSConfig(ca=f["ca"].read_text(), cert=f["ccert"].read_text(),
+                         key=f["ckey"].read_text(), remote_cert_tls="server")
+        key = StaticKey.parse(f["tc"].read_text())
+        s = Session.connect(
+            SessionSettings(server=False, tls=ctls, data_ciphers=("AES-256-GCM",),
+                            username=username, password=password, wrap_key=key),
+            TLSCrypt(key, server=False), self.clock.t)
+        events: list[ev.Event] = []
+        self.clients[addr] = (s, events)
+        return s, events
+
+    def move(self, old: tuple, new: tuple) -> None:
+        self.clients[new] = self.clients.pop(old)
+
+    def step(self) -> int:
+        now = self.clock.t
+        moved = 0
+        for addr, (s, _e) in list(self.clients.items()):
+            for d in s.datagrams_to_send(now):
+                self.d.datagram_received(d, addr, now)
+                moved += 1
+        out, self.out = self.out, []
+        for d, addr in out:
+            if addr in self.clients:
+                self.clients[addr][0].receive_datagram(d, now)
+            moved += 1
+        for s, events in self.clients.values():
+            while (e := s.next_event()) is not None:
+                events.append(e)
+        while self.pending:
+            self.pending.pop(0)()
+            moved += 1
+        return moved
+
+    def advance(self, seconds: float, until=None) -> None:
+        end = self.clock.t + seconds
+        while self.clock.t < end:
+            while self.step():
+                pass
+            if until is not None and until():
+                return
+            ctimers = [s.get_timer() for s, _e in self.clients.values()]
+            timers = [t for t in (*ctimers, self.d.deadline()) if t is not None]
+            nxt = min([end, self.clock.t + 0.5, *[t for t in timers if t > self.clock.t]])
+            self.clock.t = nxt
+            for s, _e in self.clients.values():
+                t = s.get_timer()
+                if t is not None and t <= nxt:
+                    s.handle_timer(nxt)
+            self.d.wake(nxt)
+        while self.step():
+            pass
+
+    def connect(self, events: list[ev.Event] | None = None) -> None:
+        events = self.c_events if events is None else events
+        self.advance(10, until=lambda: any(isinstance(e, ev.KeysReady) for e in events))
+        assert any(isinstance(e, ev.KeysReady) for e in events), events
+
+
+def test_server_connect_sequence(files) -> None:
+    n = ServerNet(files)
+    n.connect()
+    # dco spec §4.2: NEW_PEER, SET_PEER, NEW_KEY PRIMARY, START_VPN -- before the PUSH_REPLY
+    assert calls(n.tr) == ["NEW_PEER", "SET_PEER", "NEW_KEY", "START_VPN"]
+    peer = last(n.tr, C.OVPN_NEW_PEER)
+    assert peer["peerid"] == 0
+    assert peer["vpn_ipv4"] == ipaddress.IPv4Address("198.51.100.2").packed
+    assert peer["remote"]["port"] == socket.htons(CLIENT_ADDR[1])
+    assert [c.fd for c in n.tr.calls if c.command == C.OVPN_NEW_PEER] == [n.sock.fileno()]
+    ka = last(n.tr, C.OVPN_SET_PEER)
+    assert (ka["interval"], ka["timeout"]) == (10, 120)      # keepalive 10 60: timeout x2
+    key = last(n.tr, C.OVPN_NEW_KEY)
+    assert (key["slot"], key["keyid"], key["peerid"]) == (0, 0, 0)
+    assert key["encrypt"]["cipher"] == "AES-256-GCM"
+    [push] = [e for e in n.c_events if isinstance(e, ev.PushReplyReceived)]
+    assert push.reply.peer_id == 0 and push.reply.ping == 10 and push.reply.ping_restart == 60
+    assert str(push.reply.ifconfig[0]) == "198.51.100.2"
+    assert str(push.reply.ifconfig[1]) == "255.255.255.0"
+    assert push.reply.route_gateway == "198.51.100.1" and push.reply.topology == "subnet"
+    # the client's keys are the server's, mirrored
+    ck = [e for e in n.c_events if isinstance(e, ev.KeysReady)][0].keys
+    assert key["encrypt"]["key"] == ck.decrypt_key and key["decrypt"]["key"] == ck.encrypt_key
+
+
+def test_server_interface_setup(files) -> None:
+    n = ServerNet(files)
+    n.d.setup_interface()
+    assert n.net.calls == [("mtu", "tun0", 1500), ("addr", "tun0", "198.51.100.1/24", None)]
+
+
+def test_server_rekey_slot_dance(files) -> None:
+    n = ServerNet(files, "tran-window 100\nreneg-sec 0")
+    n.connect()
+    n.tr.calls.clear()
+    n.client.renegotiate(n.clock.t)
+    n.advance(5)
+    # new key -> SECONDARY; TX stays on the old key for now
+    assert calls(n.tr) == ["NEW_KEY", "START_VPN"]
+    k = last(n.tr, C.OVPN_NEW_KEY)
+    assert (k["slot"], k["keyid"]) == (1, 1)
+    n.advance(60)                                # auth_deferred_expire: swap
+    assert calls(n.tr) == ["NEW_KEY", "START_VPN", "SWAP_KEYS"]
+    n.advance(45)                                # the lame duck dies after tran-window
+    assert calls(n.tr) == ["NEW_KEY", "START_VPN", "SWAP_KEYS", "DEL_KEY"]
+    assert last(n.tr, C.OVPN_DEL_KEY)["slot"] == 1
+    n.tr.script(C.OVPN_GET_PEER_STATS, stats_reply())
+    assert n.d.status().clients[0].key_id == 1
+
+
+def test_server_keepalive_timeout_forgets_client(files) -> None:
+    n = ServerNet(files)
+    n.connect()
+    n.tr.calls.clear()
+    n.tr.script(C.OVPN_GET_PKT, notif(peerid=0, notification=0, del_reason=1,
+                                      packets={"in": 1, "out": 2}, bytes={"in": 3, "out": 4}))
+    n.d.wake(n.clock.t)
+    assert n.d.records == {} and len(n.d.endpoint) == 0
+    assert "DEL_PEER" not in calls(n.tr)          # the kernel already deleted it
+    # the address goes back to the pool: the next client gets .2 again
+    n2 = ServerNet(files)
+    n2.connect()
+    assert last(n2.tr, C.OVPN_NEW_PEER)["vpn_ipv4"] == bytes([198, 51, 100, 2])
+
+
+def test_server_rotate_key_starts_renegotiation(files) -> None:
+    n = ServerNet(files, "reneg-sec 0")
+    n.connect()
+    n.tr.calls.clear()
+    n.tr.script(C.OVPN_GET_PKT, notif(peerid=0, notification=1))
+    n.advance(5)
+    assert calls(n.tr)[:2] == ["NEW_KEY", "START_VPN"]
+    assert last(n.tr, C.OVPN_NEW_KEY)["keyid"] == 1
+
+
+def test_server_float_moves_control_channel(files) -> None:
+    n = ServerNet(files)
+    n.connect()
+    new = ("192.0.2.77", 50000)
+    n.tr.script(C.OVPN_GET_PKT, notif(peerid=0, notification=2, address={
+        "af": 2, "address": bytes([192, 0, 2, 77]), "port": socket.htons(50000)}))
+    n.d.wake(n.clock.t)
+    n.move(CLIENT_ADDR, new)
+    assert n.d.endpoint.session_for(new) is not None
+    n.tr.script(C.OVPN_GET_PEER_STATS, stats_reply())
+    assert n.d.status().clients[0].real_address == "192.0.2.77:50000"
+    n.d.kill("alice", n.clock.t)                  # control packets now go to the new address
+    n.advance(3)
+    assert any(isinstance(e, ev.RestartReceived) for e in n.c_events)
+
+
+def test_server_kill_sends_restart_then_del_peer(files) -> None:
+    n = ServerNet(files)
+    n.connect()
+    n.tr.calls.clear()
+    assert n.d.kill("alice", n.clock.t) == [0]
+    n.advance(6)
+    assert any(isinstance(e, ev.RestartReceived) for e in n.c_events)
+    assert calls(n.tr) == ["DEL_PEER"]
+    assert n.d.records == {}
+    with pytest.raises(Exception, match="no client"):
+        n.d.kill("alice", n.clock.t)
+
+
+def test_server_status_uses_peer_stats(files) -> None:
+    n = ServerNet(files)
+    n.connect()
+    n.tr.script(C.OVPN_GET_PEER_STATS, stats_reply())
+    st = n.d.status()
+    [c] = st.clients
+    assert (c.common_name, c.vpn_ipv4, c.peer_id, c.cipher, c.key_id) == \
+        ("alice", "198.51.100.2", 0, "AES-256-GCM", 0)
+    assert (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out) == (500, 600, 5, 6)
+    assert c.real_address == "192.0.2.2:40000"
+    d = st.as_dict()
+    assert d["clients"][0]["bytes_in"] == 500 and d["role"] == "server"
+    prom = render_prometheus(st)
+    assert 'ovpnctl_peer_bytes_received_total{role="server",interface="tun0",peer_id="0",' \
+           'common_name="alice"} 500' in prom
+    assert "alice" in render_text(st)
+    v2 = render_status_file(st, 2)
+    assert "CLIENT_LIST,alice,192.0.2.2:40000,198.51.100.2,,500,600," in v2
+    v1 = render_status_file(st, 1)
+    assert v1.startswith("OpenVPN CLIENT LIST\n") and "alice,192.0.2.2:40000,500,600," in v1
+
+
+def test_server_ccd_iroute_and_fixed_address(files) -> None:
+    ccd = files["dir"] / "ccd"
+    ccd.mkdir(exist_ok=True)
+    (ccd / "alice").write_text("ifconfig-push 198.51.100.50 255.255.255.0\n"
+                               "iroute 192.0.2.128 255.255.255.128\npush \"route 192.0.2.0\"\n")
+    n = ServerNet(files, f"client-config-dir {ccd}")
+    n.connect()
+    assert last(n.tr, C.OVPN_NEW_PEER)["vpn_ipv4"] == bytes([198, 51, 100, 50])
+    assert ("route-add", "tun0", "192.0.2.128/25", "198.51.100.50", 100) in n.net.calls
+    [push] = [e for e in n.c_events if isinstance(e, ev.PushReplyReceived)]
+    assert str(push.reply.ifconfig[0]) == "198.51.100.50"
+    assert any(r.network == "192.0.2.0" for r in push.reply.routes)
+    n.d.kill("0", n.clock.t)
+    n.advance(6)
+    assert ("route-del", "tun0", "192.0.2.128/25", "198.51.100.50", 100) in n.net.calls
+
+
+def test_server_ccd_disable_rejects(files) -> None:
+    ccd = files["dir"] / "ccd-off"
+    ccd.mkdir(exist_ok=True)
+    (ccd / "alice").write_text("disable\n")
+    n = ServerNet(files, f"client-config-dir {ccd}")
+    n.advance(10)
+    assert any(isinstance(e, ev.AuthFailed) for e in n.c_events)
+    assert "NEW_PEER" not in calls(n.tr)
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_server_auth_user_pass_verify_via_file(files, good: bool) -> None:
+    script = files["dir"] / "verify.sh"
+    script.write_text('#!/bin/sh\n[ "$(sed -n 1p "$1")" = alice ] && '
+                      '[ "$(sed -n 2p "$1")" = secret ] && [ "$common_name" = alice ]\n')
+    script.chmod(0o755)
+    n = ServerNet(files, f"script-security 2\nauth-user-pass-verify {script} via-file",
+                  username="alice", password="secret" if good else "wrong")
+    # the script runs on a worker thread; its answer comes back through call_soon
+    import time
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        n.advance(0.5)
+        if any(isinstance(e, (ev.KeysReady, ev.AuthFailed)) for e in n.c_events):
+            break
+        time.sleep(0.02)
+    if good:
+        assert any(isinstance(e, ev.KeysReady) for e in n.c_events)
+        n.tr.script(C.OVPN_GET_PEER_STATS, stats_reply())
+        assert n.d.status().clients[0].username == "alice"
+    else:
+        assert any(isinstance(e, ev.AuthFailed) for e in n.c_events)
+        assert "NEW_PEER" not in calls(n.tr)
+
+
+def test_server_verify_script_needs_script_security(files) -> None:
+    with pytest.raises(ConfigError, match="script-security 2"):
+        ServerNet(files, "auth-user-pass-verify /bin/true via-file")
+
+
+def test_server_rejects_net30_topology(files) -> None:
+    cfg = server_config(files)
+    cfg.topology = "net30"
+    with pytest.raises(ConfigError, match="topology subnet"):
+        ServerDaemon(cfg, ifc=Interface("tun0", RecordingTransport(["tun0"])), sock=None,
+                     send=lambda d, a: None, netcfg=RecordingNetConfig())
+
+
+def test_server_max_clients(files) -> None:
+    n = ServerNet(files, "max-clients 1")
+    n.connect()
+    _s2, events2 = n.add_client(("192.0.2.3", 40001))
+    n.advance(5)
+    assert not any(isinstance(e, ev.KeysReady) for e in events2)
+    assert len(n.d.endpoint) == 1 and calls(n.tr).count("NEW_PEER") == 1
+    assert n.d.endpoint.dropped > 0
+
+
+def test_server_shutdown_says_restart_and_destroys(files) -> None:
+    n = ServerNet(files)
+    n.connect()
+    n.tr.calls.clear()
+    n.d.begin_shutdown(n.clock.t)
+    n.advance(6, until=n.d.shutdown_done)
+    assert n.d.shutdown_done()
+    assert any(isinstance(e, ev.RestartReceived) for e in n.c_events)
+    n.ifc.destroy_on_exit = True
+    n.d.close()
+    assert "destroy_interface" in calls(n.tr) and n.tr.interfaces == []
+
+
+def test_server_sighup_reload_keeps_clients(files) -> None:
+    n = ServerNet(files)
+    n.connect()
+    server_config(files, 'push "route 192.0.2.0 255.255.255.0"\nport 1195')
+    kept = n.d.reload_from_disk()
+    assert kept == ["port"]
+    n.tr.script(C.OVPN_GET_PEER_STATS, stats_reply())
+    assert len(n.d.records) == 1 and n.d.status().clients[0].common_name == "alice"
+    # a new client gets the new push
+    _s2, events2 = n.add_client(("192.0.2.3", 40001))
+    n.connect(events2)
+    [push] = [e for e in events2 if isinstance(e, ev.PushReplyReceived)]
+    assert any(r.network == "192.0.2.0" for r in push.reply.routes)
+    assert str(push.reply.ifconfig[0]) == "198.51.100.3"
+    server_config(files)
+
+
+# --------------------------------------------------------------------------- client side
+
+class ClientNet:
+    """ClientDaemon (recording kernel) <-> a real ServerEndpoint, through lists."""
+
+    def __init__(self, files: dict[str, Path], extra: str = "") -> None:
+        self.clock = Clock()
+        self.cfg = client_config(files, extra)
+        self.tr = RecordingTransport()
+        self.net = RecordingNetConfig()
+        self.out: list[bytes] = []
+        self.socks: list[socket.socket] = []
+        self.d = ClientDaemon(self.cfg, transport=self.tr, open_socket=self._sock,
+                              send=lambda s, data, addr: self.out.append(data),
+                              netcfg=self.net, engine="test", clock=self.clock,
+                              wall=lambda: 1.7e9 + self.clock.t,
+                              resolve=lambda h, p, proto: (socket.AF_INET, (h, p)))
+        stls = TLSConfig(ca=files["ca"].read_text(), cert=files["scert"].read_text(),
+                         key=files["skey"].read_text())
+        key = StaticKey.parse(files["tc"].read_text())
+        self.ss = SessionSettings(server=True, tls=stls, data_ciphers=("AES-256-GCM",),
+                                  push_options=("ping 10", "ping-restart 60"), wrap_key=key)
+        self.ep = ServerEndpoint(
+            ServerSettings(self.ss, pool=ipaddress.ip_network("198.51.100.0/24")),
+            wrap_factory=lambda: TLSCrypt(key, server=True), cookie_jar=CookieJar(b"k" * 32, 60))
+        self.s_events: list[ev.Event] = []
+
+    def _sock(self, family: int) -> socket.socket:
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        self.socks.append(s)
+        return s
+
+    def step(self) -> int:
+        now = self.clock.t
+        moved = 0
+        out, self.out = self.out, []
+        for d in out:
+            self.ep.receive_datagram(d, CLIENT_ADDR, now)
+            moved += 1
+        for d, _addr in self.ep.datagrams_to_send(now):
+            self.d.datagram_received(d, SERVER_ADDR, now)
+            moved += 1
+        while (ce := self.ep.next_event()) is not None:
+            self.s_events.append(ce.event)
+        return moved
+
+    def advance(self, seconds: float, until=None) -> None:
+        end = self.clock.t + seconds
+        while self.clock.t < end:
+            while self.step():
+                pass
+            if until is not None and until():
+                return
+            timers = [t for t in (self.ep.get_timer(), self.d.deadline()) if t is not None]
+            nxt = min([end, self.clock.t + 0.5, *[t for t in timers if t > self.clock.t]])
+            self.clock.t = nxt
+            t = self.ep.get_timer()
+            if t is not None and t <= nxt:
+                self.ep.handle_timer(nxt)
+            self.d.wake(nxt)
+        while self.step():
+            pass
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def test_client_connect_sequence(files) -> None:
+    n = ClientNet(files)
+    n.d.start(n.clock.t)
+    n.advance(10, until=lambda: n.d.state == "connected")
+    assert n.d.state == "connected"
+    # dco spec §4.3: create, SET_IFMODE, NEW_PEER, NEW_KEY, START_VPN, SET_PEER
+    assert calls(n.tr) == ["create_interface", "rename_interface", "SET_IFMODE", "NEW_PEER",
+                           "NEW_KEY", "START_VPN", "SET_PEER"]
+    assert n.tr.interfaces == ["tun0"]
+    assert last(n.tr, C.OVPN_SET_IFMODE)["ifmode"] == 0x8002          # pushed topology subnet
+    peer = last(n.tr, C.OVPN_NEW_PEER)
+    assert peer["peerid"] == 0 and peer["remote"]["address"] == bytes([192, 0, 2, 1])
+    ka = last(n.tr, C.OVPN_SET_PEER)
+    assert (ka["interval"], ka["timeout"]) == (10, 60)                # pushed values
+    assert n.net.calls == [("mtu", "tun0", 1500), ("addr", "tun0", "198.51.100.2/24", None)]
+    assert n.d.session is not None and n.d.session.ping == 0          # kernel keepalive only
+    n.close()
+
+
+def test_client_ping_restart_reconnects(files) -> None:
+    n = ClientNet(files)
+    n.d.start(n.clock.t)
+    n.advance(10, until=lambda: n.d.state == "connected")
+    n.tr.calls.clear()
+    n.tr.script(C.OVPN_GET_PKT, notif(peerid=0, notification=0, del_reason=1))
+    n.d.wake(n.clock.t)
+    assert calls(n.tr)[:1] == ["destroy_interface"]       # the tunnel is gone at once
+    assert n.d.state == "reconnecting" and n.net.calls[-1] == ("undo-all",)
+    n.advance(15, until=lambda: n.d.state == "connected")
+    assert n.d.state == "connected"
+    assert calls(n.tr)[1:] == ["create_interface", "rename_interface", "SET_IFMODE", "NEW_PEER",
+                               "NEW_KEY", "START_VPN", "SET_PEER"]
+    n.close()
+
+
+def test_client_restart_from_server_reconnects(files) -> None:
+    n = ClientNet(files)
+    n.d.start(n.clock.t)
+    n.advance(10, until=lambda: n.d.state == "connected")
+    [(pid, _a, _s)] = n.ep.clients()
+    n.ep.disconnect(pid, n.clock.t, restart=True)
+    n.advance(2, until=lambda: n.d.state != "connected")
+    assert n.d.state == "reconnecting" and n.tr.interfaces == []
+    n.advance(15, until=lambda: n.d.state == "connected")
+    assert n.d.state == "connected" and n.tr.interfaces == ["tun0"]
+    n.close()
+
+
+def test_client_rekey_and_sigterm(files) -> None:
+    n = ClientNet(files)
+    n.d.start(n.clock.t)
+    n.advance(10, until=lambda: n.d.state == "connected")
+    n.tr.calls.clear()
+    n.tr.script(C.OVPN_GET_PKT, notif(peerid=0, notification=1))      # ROTATE_KEY
+    n.advance(70)
+    assert calls(n.tr)[:3] == ["NEW_KEY", "START_VPN", "SWAP_KEYS"]
+    assert last(n.tr, C.OVPN_NEW_KEY)["slot"] == 1
+    n.d.begin_shutdown(n.clock.t)
+    n.advance(3, until=n.d.finished)
+    assert n.d.finished() and n.d.exit_status() == 0
+    assert any(isinstance(e, ev.ExitReceived) for e in n.s_events)    # EXIT reached the server
+    assert n.tr.interfaces == [] and "destroy_interface" in calls(n.tr)
+    n.close()
+
+
+def test_client_auth_failed_ends_daemon(files) -> None:
+    n = ClientNet(files)
+    n.ss.auth_verify = lambda req: (False, "nope")
+    n.d.start(n.clock.t)
+    n.advance(10, until=n.d.finished)
+    assert n.d.finished() and n.d.exit_status() == 1
+    assert n.tr.interfaces == []
+    n.close()
+
+
+def test_client_config_checks(files) -> None:
+    with pytest.raises(ConfigError, match="UDP only"):
+        cfg = client_config(files)
+        cfg.remotes = [configmod.Remote("192.0.2.1", 1194, "tcp-client")]
+        ClientDaemon(cfg, transport=RecordingTransport(), open_socket=lambda f: None)
+
+
+def test_server_rejects_client_without_data_v2(files) -> None:
+    n = ServerNet(files)
+    n.client.settings.peer_info = "IV_VER=2.3.18\nIV_PLAT=linux\nIV_NCP=2\n"
+    n.advance(10)
+    [fail] = [e for e in n.c_events if isinstance(e, ev.AuthFailed)]
+    assert "DATA_V2" in fail.reason
+    assert "NEW_PEER" not in calls(n.tr)
+
+
+def test_client_ignores_data_packets_and_strangers(files) -> None:
+    n = ClientNet(files)
+    n.d.start(n.clock.t)
+    n.advance(10, until=lambda: n.d.state == "connected")
+    s = n.d.session
+    # a server keepalive that beat our NEW_PEER to the socket, and a packet from elsewhere
+    n.d.datagram_received(bytes([0x48, 0, 0, 0]) + bytes(20), SERVER_ADDR, n.clock.t)
+    n.d.datagram_received(b"\x38" + bytes(40), ("192.0.2.99", 1194), n.clock.t)
+    assert s.dropped == 0 and n.d.state == "connected"
+    n.close()
