@@ -21,12 +21,13 @@ look like (the userspace engine shares the port through SO_REUSEPORT);
 """
 from __future__ import annotations
 
+import errno as _errno
 import os
 import sys
 from typing import Literal
 
 from .errors import OvpnError, UnsupportedPlatform, ValidationError
-from .transport import KernelTransport, RecordingTransport, Transport
+from .transport import KernelTransport, RecordingTransport, Transport, errno_error
 
 __all__ = [
     "EngineName", "ENGINES", "DEFAULT_ENGINE_SOCKET", "ENGINE_SOCKET_ENV", "ENGINE_ENV",
@@ -94,6 +95,11 @@ def _open_userspace(path: str, *, kernel_missing: bool = False) -> Transport:
 
     try:
         return engine_transport.EngineTransport(path)
+    except PermissionError as exc:
+        raise errno_error(_errno.EPERM, "connect",
+                          f"no permission to use the userspace engine at {path}: run as root, "
+                          "or as a member of the group given to `ovpnctl engine run --group`"
+                          ) from exc
     except engine_transport.EngineNotRunning as exc:
         what = (f"if_ovpn is not loaded (kldload if_ovpn) and the userspace engine is not "
                 f"running at {path}" if kernel_missing
@@ -143,7 +149,7 @@ def engine_kind(transport: object) -> str:
     if isinstance(transport, RecordingTransport):
         return "test"
     mod = type(transport).__module__
-    if mod.startswith("bsd_ovpn.engine"):
+    if mod == "bsd_ovpn.engine" or mod.startswith("bsd_ovpn.engine."):
         return "userspace"
     return "unknown"
 

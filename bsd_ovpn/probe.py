@@ -77,6 +77,7 @@ def run_probe(settings: SessionSettings, wrap: Any, remote: tuple[str, int], *,
         sock.connect(sockaddr)
         sock.setblocking(False)
         sel.register(sock, selectors.EVENT_READ)
+        settings.ipv6 = family == socket.AF_INET6     # IP header size in the packet budget
         start = clock()
         session = Session.connect(settings, wrap, start)
         loop = _Loop(sock, sel, session, clock)

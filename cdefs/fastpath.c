@@ -5,7 +5,11 @@
  * udp->tun) run without the GIL, batch the UDP side with recvmmsg/sendmmsg,
  * encrypt/decrypt in place in preallocated buffers with one EVP context per
  * key direction (only the nonce changes per packet), and never malloc per
- * packet.
+ * packet.  On Linux, runs of equal-size datagrams to one peer leave as one
+ * UDP GSO message (UDP_SEGMENT) and the socket accepts coalesced input
+ * (UDP_GRO): profiling showed ~75% of the engine's time in the kernel's UDP
+ * and tun paths and ~20% in AES-GCM, and GSO/GRO raised iperf3 throughput
+ * between two namespaces by roughly 1.2-1.9x (noisy, shared 2-core host).
  *
  * Locking: one reader/writer lock guards the peer tables and keys.  The data
  * threads take it shared once per batch (not during syscalls); Python-side

@@ -169,6 +169,9 @@ class ServerDaemon:
                                     ipaddress.IPv4Interface(f"{local}/{mask}"))
         if c.ifconfig_ipv6 is not None:
             self.netcfg.add_address(self.ifc.name, ipaddress.IPv6Interface(c.ifconfig_ipv6[0]))
+        if not c.client_to_client:
+            log.info("note: with if_ovpn, traffic between clients is forwarded by this host's "
+                     "IP stack; without client-to-client, block it in the firewall if needed")
 
     def _server_settings(self, cfg: configmod.Config) -> ServerSettings:
         from bsd_ovpn.probe import _wrap_key2, tls_config_from

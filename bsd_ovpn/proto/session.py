@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -150,6 +151,7 @@ class KeyState:
     handshake_reported: bool = False
     heard_peer: bool = False
     established: float | None = None
+    reneg_at: float | None = None
 
     def step(self, trigger: Trigger) -> None:
         self.state = transition(self.state, trigger, server=self.server)
@@ -331,9 +333,8 @@ class Session:
         if self._push_request_due is not None:
             times.append(self._push_request_due)
         p = self.primary
-        if p is not None and p.state == KSState.GENERATED_KEYS and self.settings.reneg_sec > 0 \
-                and p.established is not None:
-            times.append(p.established + self.settings.reneg_sec)
+        if p is not None and p.state == KSState.GENERATED_KEYS and p.reneg_at is not None:
+            times.append(p.reneg_at)
         if self.established:
             if self.ping > 0:
                 times.append(self._last_sent + self.ping)
@@ -374,9 +375,8 @@ class Session:
         if self._push_request_due is not None and now >= self._push_request_due:
             self._send_control_message(self.primary, "PUSH_REQUEST")
             self._push_request_due = now + self.settings.push_request_interval
-        if p is not None and p.state == KSState.GENERATED_KEYS and self.settings.reneg_sec > 0 \
-                and p.established is not None and now >= p.established + self.settings.reneg_sec \
-                and self._closing is None:
+        if p is not None and p.state == KSState.GENERATED_KEYS and p.reneg_at is not None \
+                and now >= p.reneg_at and self._closing is None:
             self._soft_reset(now)
         if self.established:
             if self.ping_restart > 0 and now >= self._last_received + self.ping_restart:
@@ -604,7 +604,7 @@ class Session:
                     self._generate_keys(ks, now)
         if ks.state == KSState.ACTIVE and ks.keys is not None:
             ks.step(Trigger.KEYS_GENERATED)
-            ks.established = now
+            self._established(ks, now)
 
     def _pump_tls(self, ks: KeyState) -> None:
         if ks.tls is None:
@@ -841,7 +841,7 @@ class Session:
             self._swap_to(ks)
         if ks.state == KSState.ACTIVE:
             ks.step(Trigger.KEYS_GENERATED)
-            ks.established = now
+            self._established(ks, now)
 
     def _wrap_for(self, key_id: int) -> Any:
         """Control wrapping for a key_id: dynamic tls-crypt for renegotiations (§5.5)."""
@@ -857,6 +857,19 @@ class Session:
         if isinstance(self.wrap, NoWrap):
             base = None
         return dynamic_tls_crypt(ekm, base, self.server)
+
+    def _established(self, ks: KeyState, now: float) -> None:
+        """Keys are in use: schedule the reneg-sec renegotiation of this key_state.
+
+        A server takes up to 10 % off at random (as OpenVPN does) so that
+        clients connected at the same moment do not all rekey together.
+        """
+        ks.established = now
+        sec = self.settings.reneg_sec
+        if sec > 0:
+            if self.server:
+                sec -= random.uniform(0, sec / 10)
+            ks.reneg_at = now + sec
 
     def _swap_to(self, ks: KeyState) -> None:
         if ks.slot is not KeySlot.SECONDARY:

@@ -183,7 +183,9 @@ def test_stock_client_to_ovpnctl_server(two_hosts: TwoHosts, pki: PKI, wrap_keys
     assert c["vpn_ipv4"] == FIRST_CLIENT_VPN
     assert c["real_address"].startswith(two.client_ip + ":")
     assert c["cipher"] == "AES-256-GCM" and c["key_id"] == 0
-    assert c["bytes_in"] > 1_000_000 and c["packets_out"] > 3
+    assert c["packets_out"] > 3
+    # GET_PEER_STATS counted at least what iperf3 pushed through the tunnel
+    assert c["bytes_in"] >= 0.8 * result.received_bps * 2 / 8
     assert c["vpn_ipv6"] == "2001:db8:100::1000"
     time.sleep(1.2)
     rows = [r.split(",") for r in status_file.read_text().splitlines()]
@@ -317,3 +319,23 @@ def test_ovpnctl_client_ping_restart_reconnects(two_hosts: TwoHosts, pki: PKI,
     assert two.client.ping(SERVER_VPN, count=2, timeout=15)
     assert daemons.stop(cli) == 0
     assert engine_interfaces(eng) == []
+
+
+@pytest.mark.parametrize("wrap", ["tls-auth", "tls-crypt-v2", "none"])
+def test_stock_client_wrappings(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys,
+                                stock_openvpn, daemons: Daemons, tmp_path: Path,
+                                wrap: str) -> None:
+    two = two_hosts
+    conf = server_config(pki, wrap_keys, two, tmp_path, wrap=wrap)
+    srv = daemons.ovpnctl(two.server, "srv", "server", conf, daemons.engine(two.server, "srv"))
+    srv.wait_log("listening on")
+    cli = stock_openvpn.client(two.client, remote=two.server_ip, cert=pki.client("frank"),
+                               wrap=wrap)
+    cli.wait_ready(30)
+    assert two.client.ping(SERVER_VPN, count=2, timeout=15), srv.text()[-3000:]
+    res = two.server.run([sys.executable, "-c", "from bsd_ovpn.cli import main; main()",
+                          "status", "--format", "prometheus", "--control-socket",
+                          str(daemons.workdir / "srv.ctl")])
+    assert 'ovpnctl_peers{role="server",' in res.stdout
+    assert 'common_name="frank"' in res.stdout
+    assert daemons.stop(srv) == 0

@@ -106,6 +106,18 @@ def test_probe_ciphers_and_key_derivation(two_hosts: Any, stock_openvpn: Any, pk
     assert data["cipher"] == cipher and data["key_derivation"] == kdf
 
 
+@pytest.mark.parametrize("kdf", ["tls-ekm", "prf"])
+def test_probe_tls12(two_hosts: Any, stock_openvpn: Any, pki: Any, wrap_keys: Any,
+                     tmp_path: Path, kdf: str) -> None:
+    srv = stock_openvpn.server(two_hosts.server, wrap="tls-crypt", local=SERVER_IP,
+                               extra=("tls-version-max 1.2",))
+    srv.wait_ready(30)
+    conf = _probe_config(tmp_path, pki, wrap_keys, "tls-crypt")
+    rc, data, out = _probe(two_hosts.client, conf, "--key-derivation", kdf)
+    assert rc == 0, out
+    assert data["tls_version"] == "TLSv1.2" and data["key_derivation"] == kdf
+
+
 def test_probe_wrong_ca(two_hosts: Any, stock_openvpn: Any, pki: Any, wrap_keys: Any,
                         tmp_path: Path) -> None:
     srv = stock_openvpn.server(two_hosts.server, wrap="tls-crypt", local=SERVER_IP)
@@ -196,7 +208,8 @@ class Helper:
 
 
 def _helper_args(role: str, pki: Any, keys: Any, wrap: str, *, reneg: int = 0,
-                 cipher: str = "AES-256-GCM") -> list[str]:
+                 cipher: str = "AES-256-GCM", auth: str | None = None,
+                 prf: bool = False) -> list[str]:
     cred = pki.server() if role == "serve" else pki.client()
     args = [role, "--addr", SERVER_IP, "--ca", str(pki.ca_path), "--cert", str(cred.cert_path),
             "--key", str(cred.key_path), "--wrap", wrap, "--reneg", str(reneg),
@@ -204,6 +217,10 @@ def _helper_args(role: str, pki: Any, keys: Any, wrap: str, *, reneg: int = 0,
     if wrap != "none":
         k = keys.key_for(wrap, "server" if role == "serve" else "client")
         args += ["--wrap-key", str(k)]
+    if auth:
+        args += ["--auth", auth]
+    if prf:
+        args.append("--prf")
     return args
 
 
@@ -227,6 +244,82 @@ def test_stock_client_against_our_server(two_hosts: Any, stock_openvpn: Any, pki
         assert helper.proc.poll() is None
     finally:
         helper.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cipher", ["AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305"])
+@pytest.mark.parametrize("kdf", ["tls-ekm", "prf"])
+def test_our_client_data_both_ways(two_hosts: Any, stock_openvpn: Any, pki: Any,
+                                   wrap_keys: Any, cipher: str, kdf: str) -> None:
+    """Keys of our client Session agree with a stock server's for every cipher and KDF."""
+    srv = stock_openvpn.server(two_hosts.server, wrap="tls-crypt", local=SERVER_IP,
+                               keepalive=(1, 4))
+    srv.wait_ready(30)
+    helper = Helper(two_hosts.client, _helper_args("connect", pki, wrap_keys, "tls-crypt",
+                                                   cipher=cipher, prf=kdf == "prf"))
+    try:
+        keys = helper.wait(lambda d: d.get("event") == "KeysReady", 20, "keys")
+        assert keys["cipher"] == cipher and keys["key_derivation"] == kdf
+        # server -> client: its keepalive pings decrypt with our keys
+        helper.wait(lambda d: d.get("event") == "data" and d.get("ping"), 10, "a ping")
+        # client -> server: it would hit ping-restart (2 x 4 s) if ours did not decrypt
+        time.sleep(9)
+        log = srv.log
+        assert "Inactivity timeout" not in log and "Decrypt" not in log, srv.log_tail()
+        assert not any(d.get("event") in ("data-error", "ConnectionTerminated")
+                       for d in helper.seen)
+        assert helper.proc.poll() is None
+    finally:
+        helper.stop()
+
+
+@pytest.mark.parametrize("password,ok", [("sesame", True), ("wrong", False)])
+def test_stock_client_credentials_checked_by_our_hook(two_hosts: Any, stock_openvpn: Any,
+                                                      pki: Any, wrap_keys: Any, tmp_path: Path,
+                                                      password: str, ok: bool) -> None:
+    creds = tmp_path / "creds.txt"
+    creds.write_text(f"alice\n{password}\n")
+    creds.chmod(0o600)
+    helper = Helper(two_hosts.server, _helper_args("serve", pki, wrap_keys, "tls-crypt",
+                                                   auth="alice:sesame"))
+    try:
+        helper.wait(lambda d: d.get("event") == "listening", 20, "listening")
+        cli = stock_openvpn.client(two_hosts.client, remote=SERVER_IP, wrap="tls-crypt",
+                                   extra=(f"auth-user-pass {creds}", "auth-retry none"))
+        if ok:
+            cli.wait_ready(30)
+            helper.wait(lambda d: d.get("event") == "KeysReady", 5, "keys")
+        else:
+            cli.wait_for(r"AUTH: Received control message: AUTH_FAILED", 30)
+            helper.wait(lambda d: d.get("event") == "AuthFailed", 5, "AuthFailed")
+            assert not any(d.get("event") == "KeysReady" for d in helper.seen)
+    finally:
+        helper.stop()
+
+
+@pytest.mark.parametrize("password,ok", [("sesame", True), ("wrong", False)])
+def test_probe_credentials_against_stock_server(two_hosts: Any, stock_openvpn: Any, pki: Any,
+                                                wrap_keys: Any, tmp_path: Path, password: str,
+                                                ok: bool) -> None:
+    script = tmp_path / "verify.sh"
+    script.write_text('#!/bin/sh\n{ read u; read p; } < "$1"\n'
+                      '[ "$u" = alice ] && [ "$p" = sesame ]\n')
+    script.chmod(0o755)
+    srv = stock_openvpn.server(two_hosts.server, wrap="tls-crypt", local=SERVER_IP,
+                               extra=("script-security 2",
+                                      f"auth-user-pass-verify {script} via-file"))
+    srv.wait_ready(30)
+    creds = tmp_path / "creds.txt"
+    creds.write_text(f"alice\n{password}\n")
+    conf = _probe_config(tmp_path, pki, wrap_keys, "tls-crypt")
+    with open(conf, "a") as fh:
+        fh.write(f"auth-user-pass {creds}\n")
+    rc, data, out = _probe(two_hosts.client, conf, timeout=20)
+    if ok:
+        assert rc == 0 and data["ok"], out
+    else:
+        assert rc != 0 and data["reason"] == "auth-failed", out
+        assert data["error"].startswith("AUTH_FAILED")
 
 
 @pytest.mark.slow
@@ -297,6 +390,8 @@ def _helper_main(argv: list[str]) -> int:     # pragma: no cover - runs in a nam
     ap.add_argument("--wrap-key")
     ap.add_argument("--reneg", type=float, default=0)
     ap.add_argument("--cipher", default="AES-256-GCM")
+    ap.add_argument("--auth", help="USER:PASSWORD the server accepts (others: AUTH_FAILED)")
+    ap.add_argument("--prf", action="store_true", help="do not announce TLS-EKM")
     a = ap.parse_args(argv)
     server = a.role == "serve"
 
@@ -307,9 +402,17 @@ def _helper_main(argv: list[str]) -> int:     # pragma: no cover - runs in a nam
                     key=Path(a.key).read_bytes(),
                     remote_cert_tls="client" if server else "server")
     settings = SessionSettings(server=server, tls=tls, reneg_sec=a.reneg, hand_window=60,
-                               data_ciphers=(a.cipher, "AES-128-GCM"),
+                               data_ciphers=(a.cipher, "AES-128-GCM") if server else (a.cipher,),
+                               ekm=not a.prf,
                                push_options=("ping 1", "ping-restart 4"),
                                ping=1, ping_restart=30)
+    if a.auth and server:
+        want_user, _, want_pw = a.auth.partition(":")
+
+        def verify(req: Any) -> Any:
+            ok = req.username == want_user and req.password == want_pw
+            return (ok, "" if ok else f"bad credentials for {req.username}")
+        settings.auth_verify = verify
     factory: Any = None
     v2: Any = None
     cwrap: Any = None

@@ -818,3 +818,27 @@ def test_cli_against_in_process_engine(run, engine_socket):
     code, _, err = run(["stats", "ovpn0", *eng])
     assert code == 1
     one_line_error(err, "ovpn0")
+
+
+def test_engine_run_refusals(run, monkeypatch, tmp_path):
+    from bsd_ovpn.cli import engine as engine_cmd
+    path = str(tmp_path / "e.sock")
+    monkeypatch.setattr(engine_cmd.os, "geteuid", lambda: 1000)
+    code, _, err = run(["engine", "run", "--socket", path])
+    assert code == 1
+    one_line_error(err, "must run as root")
+    monkeypatch.setattr(engine_cmd.os, "geteuid", lambda: 0)
+    code, _, err = run(["engine", "run", "--socket", path, "--group", "no-such-group-xq"])
+    assert code == 2
+    one_line_error(err, "--group 'no-such-group-xq': no such group")
+    assert not os.path.exists(path)
+
+
+def test_transport_injection_through_click_obj(rec):
+    """Embedders (and CliRunner users) can hand the commands a transport directly."""
+    from click.testing import CliRunner
+    from bsd_ovpn.cli import cli
+    res = CliRunner().invoke(cli, ["peer", "del", "ovpn0", "7"], obj={"transport": rec})
+    assert res.exit_code == 0, res.output
+    assert sets(rec, C.OVPN_DEL_PEER)[0].data == vec("ovpn_del_peer")
+    assert not rec.closed                   # an injected transport is the caller's to close

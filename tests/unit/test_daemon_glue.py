@@ -473,6 +473,7 @@ class ClientNet:
             ServerSettings(self.ss, pool=ipaddress.ip_network("198.51.100.0/24")),
             wrap_factory=lambda: TLSCrypt(key, server=True), cookie_jar=CookieJar(b"k" * 32, 60))
         self.s_events: list[ev.Event] = []
+        self.reachable = {SERVER_ADDR[0]}
 
     def _sock(self, family: int) -> socket.socket:
         s = socket.socket(family, socket.SOCK_DGRAM)
@@ -485,10 +486,12 @@ class ClientNet:
         moved = 0
         out, self.out = self.out, []
         for d in out:
+            if self.d.remote is not None and self.d.remote[0] not in self.reachable:
+                continue                          # a remote that does not answer
             self.ep.receive_datagram(d, CLIENT_ADDR, now)
             moved += 1
         for d, _addr in self.ep.datagrams_to_send(now):
-            self.d.datagram_received(d, SERVER_ADDR, now)
+            self.d.datagram_received(d, (self.d.remote[0], SERVER_ADDR[1]), now)
             moved += 1
         while (ce := self.ep.next_event()) is not None:
             self.s_events.append(ce.event)
@@ -616,4 +619,15 @@ def test_client_ignores_data_packets_and_strangers(files) -> None:
     n.d.datagram_received(bytes([0x48, 0, 0, 0]) + bytes(20), SERVER_ADDR, n.clock.t)
     n.d.datagram_received(b"\x38" + bytes(40), ("192.0.2.99", 1194), n.clock.t)
     assert s.dropped == 0 and n.d.state == "connected"
+    n.close()
+
+
+def test_client_tries_the_next_remote(files) -> None:
+    n = ClientNet(files, "hand-window 5")
+    n.d.remotes.insert(0, configmod.Remote("192.0.2.50", 1194, "udp"))   # a dead one first
+    n.d.start(n.clock.t)
+    assert n.d.remote[0] == "192.0.2.50"
+    n.advance(30, until=lambda: n.d.state == "connected")
+    assert n.d.state == "connected" and n.d.remote[0] == "192.0.2.1"
+    assert last(n.tr, C.OVPN_NEW_PEER)["remote"]["address"] == bytes([192, 0, 2, 1])
     n.close()

@@ -144,3 +144,18 @@ def test_engine_kind():
     assert engine_kind(RecordingTransport()) == "test"
     assert engine_kind(object()) == "unknown"
     assert needs_reuseport(RecordingTransport()) is True
+
+
+def test_engine_socket_permission(monkeypatch, tmp_path):
+    from bsd_ovpn.binding import IfOvpnPermissionError
+    from bsd_ovpn.engine import transport as et
+
+    def refuse(path):
+        raise IfOvpnPermissionError(1, "connect", f"no permission on {path}")
+    monkeypatch.setattr(et, "EngineTransport", refuse)
+    with pytest.raises(PermissionError) as info:
+        open_transport("userspace", socket_path="/x/e.sock")
+    assert str(info.value) == ("connect: no permission to use the userspace engine at /x/e.sock: "
+                               "run as root, or as a member of the group given to "
+                               "`ovpnctl engine run --group` (EPERM)")
+    assert isinstance(info.value, OvpnError)

@@ -581,12 +581,14 @@ def test_control_changes_under_traffic(rig: Rig) -> None:
         for t in threads:
             t.join()
     assert i > 20
-    # The fake tun (a socketpair) never drops, so every packet written to it is
-    # accounted for (pings add to data_out); UDP may drop in the socket buffer.
+    # The engine reads everything written to the fake tun (a socketpair, whose
+    # sender blocks when full), so every packet is accounted for (pings add to
+    # data_out).  Datagrams may drop in the engine's full UDP socket buffer, and
+    # a full fake tun makes a decrypted packet count data_in *and* lost_data_in.
     c = rig.wait_counters(lambda c: c.data_out + c.lost_data_out + c.nomem_data_out
                           >= sent["tun"])
     assert c.data_out + c.lost_data_out + c.nomem_data_out >= sent["tun"] > 100
-    assert 100 < c.data_in + c.lost_data_in <= sent["udp"]
+    assert 100 < c.data_in <= sent["udp"]
     for sock in (rig.tun, k["remote"]):       # what is still in flight
         sock.settimeout(0.2)
         try:

@@ -482,3 +482,66 @@ def test_float_client_moves_the_control_channel(tls: tuple[TLSConfig, TLSConfig]
     assert {a for d, a in net.endpoint.datagrams_to_send(net.now)} == {new}
     with pytest.raises(LocalProtocolError):
         net.endpoint.float_client(9, new)
+
+
+@pytest.mark.parametrize("message,event,reason", [
+    ("RESTART", ev.RestartReceived, "restart"),
+    ("HALT,maintenance", ev.HaltReceived, "halt"),
+    ("AUTH_FAILED,token expired", ev.AuthFailed, "auth-failed"),
+])
+def test_server_control_messages_end_the_client(tls: tuple[TLSConfig, TLSConfig], message: str,
+                                                event: type, reason: str) -> None:
+    net = Net(*tls)
+    net.run(net.established)
+    net.server_session.send_control_message(message)
+    net.run(lambda: net.client.terminated is not None, max_time=10)
+    assert any(isinstance(e, event) for e in net.c_events)
+    assert net.client.terminated.reason == reason
+    # the client's kernel keys are removed on the way out
+    assert _kernel(net.c_events) == {}
+
+
+def test_userspace_keepalive(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls)                       # server pushes ping 10, ping-restart 60
+    net.run(net.established)
+    assert net.client.ping == 10 and net.client.ping_restart == 60
+    t0 = net.now
+    net.advance(35)                       # pings flow both ways: nobody times out
+    pings = [e for e in net.c_events if isinstance(e, ev.SendPing)]
+    assert len(pings) >= 3 and net.client.terminated is None
+    # the server goes silent (its pings are lost): ping-restart after 60 s
+    net.to_client = lambda i, d: []
+    net.s_events.clear()
+    net.client.data_received(net.now)
+    end = net.now + 61
+    while net.client.terminated is None and net.now < end:
+        t = net.client.get_timer()
+        net.now = max(net.now, min(t if t is not None else end, end))
+        net.client.handle_timer(net.now)
+        net.client.datagrams_to_send(net.now)
+        while net.client.next_event() is not None:
+            pass
+    assert net.client.terminated is not None and net.client.terminated.reason == "ping-restart"
+    assert net.now - t0 >= 35 + 59
+
+
+def test_transition_table_rejects_illegal_steps() -> None:
+    from bsd_ovpn.proto.states import Trigger, can, transition
+    # client: key sent before key received; server: the other way round
+    assert transition(KSState.START, Trigger.KEY_SENT, server=False) is KSState.SENT_KEY
+    assert transition(KSState.START, Trigger.KEY_RECEIVED, server=True) is KSState.GOT_KEY
+    assert not can(KSState.START, Trigger.KEY_SENT, server=True)
+    with pytest.raises(LocalProtocolError, match="server key_state cannot go from START"):
+        transition(KSState.START, Trigger.KEY_SENT, server=True)
+    with pytest.raises(LocalProtocolError):
+        transition(KSState.SENT_KEY, Trigger.KEYS_GENERATED, server=False)
+    assert transition(KSState.ACTIVE, Trigger.FAIL, server=False) is KSState.ERROR
+
+
+def test_server_reneg_sec_has_jitter(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls, client_kw={"reneg_sec": 100}, server_kw={"reneg_sec": 100})
+    net.run(lambda: net.established()
+            and net.server_session.primary.state is KSState.GENERATED_KEYS)
+    c, s = net.client.primary, net.server_session.primary
+    assert c.reneg_at == c.established + 100
+    assert s.established + 90 <= s.reneg_at <= s.established + 100
