@@ -164,7 +164,7 @@ def peak_rss(host: Host, tag: str, peers: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="iperf3 time per run")
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=int, default=3,
                     help="alternate engine/openvpn this many times (figures per round)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:

@@ -291,14 +291,6 @@ class _Worker:
         self.sel.close()
 
     # -- timers --------------------------------------------------------------
-    def _arm(self, c: _Client) -> None:
-        s = c.session
-        t = None if s is None or s.terminated is not None else s.get_timer()
-        c.timer = t
-        if t is not None:
-            self._seq += 1
-            heapq.heappush(self.heap, (t, self._seq, c))
-
     def next_deadline(self) -> float | None:
         h = self.heap
         while h and h[0][2].timer != h[0][0]:
@@ -358,11 +350,12 @@ class _Worker:
             pass            # lost datagram: the reliability layer retransmits
 
     def _service(self, c: _Client, now: float) -> None:
+        """Run due timers, send what is queued, take events, re-arm the client's timer."""
         s = c.session
         if s is None:
             return
+        t = s.get_timer()
         for _ in range(8):
-            t = s.get_timer()
             if t is not None and t <= now:
                 s.handle_timer(now)
             for d in s.datagrams_to_send(now):
@@ -372,7 +365,10 @@ class _Worker:
             t = s.get_timer()
             if t is None or t > now:
                 break
-        self._arm(c)
+        c.timer = t
+        if t is not None:
+            self._seq += 1
+            heapq.heappush(self.heap, (t, self._seq, c))
 
     def _event(self, c: _Client, e: ev.Event, now: float) -> None:
         rec = c.rec
@@ -439,6 +435,9 @@ class _Worker:
             else:
                 if not s.receive_datagram(data, now):
                     c.rec.control_dropped += 1
+                # keys must be in place before a data packet later in this batch
+                while (e := s.next_event()) is not None:
+                    self._event(c, e, now)
             got = True
         if got and s is not None:
             self._service(c, now)

@@ -188,6 +188,7 @@ struct bsd_ovpn_fp_engine {
     int udp_fd, tun_fd, tun_hdr, udp_family;
     int pktinfo_ok;             /* socket bound to a wildcard: we may pick the source */
     int gso_ok;                 /* atomic: send runs of datagrams as one UDP GSO message */
+    int gso_backoff;            /* atomic: batches to send without GSO after a refusal */
     int gro_ok;                 /* the socket hands us coalesced datagrams (UDP_GRO) */
     int offload_allowed;        /* set_offload(): GSO/GRO may be used at attach */
     int running;                /* threads started */
@@ -770,8 +771,22 @@ static int fp_same_dest(const struct fp_slot *a, const struct fp_slot *b)
  * one message: the kernel's UDP/IP stack then runs once per run instead of
  * once per datagram, and the receiver may get the run whole (UDP_GRO).
  * Returns how many slots were handled. */
+static int fp_send_run(bsd_ovpn_fp_engine *e, struct fp_slot *slots, struct mmsghdr *msgs,
+                       int n, struct bsd_ovpn_fp_iface_counters *c, int flags, int gso);
+
 static int fp_send_batch(bsd_ovpn_fp_engine *e, struct fp_slot *slots, struct mmsghdr *msgs,
                          int n, struct bsd_ovpn_fp_iface_counters *c, int flags)
+{
+    int gso = FP_LOAD(&e->gso_ok);
+    if (gso && FP_LOAD(&e->gso_backoff) > 0) {
+        FP_ADD(&e->gso_backoff, -1);
+        gso = 0;
+    }
+    return fp_send_run(e, slots, msgs, n, c, flags, gso);
+}
+
+static int fp_send_run(bsd_ovpn_fp_engine *e, struct fp_slot *slots, struct mmsghdr *msgs,
+                       int n, struct bsd_ovpn_fp_iface_counters *c, int flags, int gso)
 {
     struct iovec iov[FP_BATCH];
     union {
@@ -780,7 +795,6 @@ static int fp_send_batch(bsd_ovpn_fp_engine *e, struct fp_slot *slots, struct mm
     } ctl[FP_BATCH];
     int first[FP_BATCH + 1];
     int nmsg = 0, done = 0, waited = 0;
-    int gso = FP_LOAD(&e->gso_ok);
     for (int i = 0; i < n; i++) {
         iov[i].iov_base = slots[i].data;
         iov[i].iov_len = slots[i].len;
@@ -837,10 +851,21 @@ static int fp_send_batch(bsd_ovpn_fp_engine *e, struct fp_slot *slots, struct mm
                 waited = 1;
                 continue;
             }
-            /* The message at `done` failed (full buffer, unreachable): drop it. */
             uint64_t cnt = (uint64_t)(first[done + 1] - first[done]);
-            if (cnt > 1 && (errno == EIO || errno == EINVAL || errno == ENOPROTOOPT))
-                FP_STORE(&e->gso_ok, 0);    /* this path cannot segment: stop trying */
+            if (cnt > 1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOBUFS) {
+                /* GSO refused: the path needs IP fragments (EMSGSIZE/EINVAL) or the
+                 * kernel cannot segment (EIO/ENOPROTOOPT).  Send the run one
+                 * datagram at a time, and skip GSO for a while (or for good). */
+                if (errno == EIO || errno == ENOPROTOOPT)
+                    FP_STORE(&e->gso_ok, 0);
+                else
+                    FP_STORE(&e->gso_backoff, 1024);
+                struct mmsghdr sub[FP_BATCH];
+                fp_send_run(e, slots + first[done], sub, (int)cnt, c, flags, 0);
+                done++;
+                continue;
+            }
+            /* The message at `done` failed (full buffer, unreachable): drop it. */
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
                 c->nomem_data_out += cnt;
             else
@@ -927,8 +952,8 @@ static void *fp_tx_main(void *arg)
 /* Handle one received datagram `pkt` from `from` (shared lock held).
  * Returns 1 and sets out and outlen to what must be written to the tun. */
 static int fp_decap(bsd_ovpn_fp_engine *e, uint8_t *pkt, size_t len,
-                    const struct sockaddr_storage *from, struct bsd_ovpn_fp_iface_counters *c,
-                    uint8_t **out, size_t *outlen)
+                    const struct sockaddr_storage *from, int64_t now_ns,
+                    struct bsd_ovpn_fp_iface_counters *c, uint8_t **out, size_t *outlen)
 {
     c->transport_in += len + 8;
     if (len < 8) {
@@ -976,7 +1001,7 @@ static int fp_decap(bsd_ovpn_fp_engine *e, uint8_t *pkt, size_t len,
         c->lost_data_in++;
         return 0;
     }
-    FP_STORE(&p->last_active_ns, fp_now_ns());
+    FP_STORE(&p->last_active_ns, now_ns);
     struct fp_addr src;
     fp_addr_from_sockaddr(&src, from);
     pthread_mutex_lock(&p->remote_lock);
@@ -1067,6 +1092,7 @@ static void *fp_rx_main(void *arg)
         }
         memset(&c, 0, sizeof(c));
         int k = 0;
+        int64_t now_ns = fp_now_ns();       /* one clock read per batch */
         fp_rdlock(e);
         for (int i = 0; i < n; i++) {
             struct fp_slot *s = &e->rx_slots[i];
@@ -1077,7 +1103,7 @@ static void *fp_rx_main(void *arg)
                 seg = len;
             for (size_t off = 0; off < len || (len == 0 && off == 0); off += seg) {
                 size_t l = len - off < seg ? len - off : seg;
-                if (fp_decap(e, pkt + off, l, &s->name.ss, &c, &e->rx_out_ptr[k],
+                if (fp_decap(e, pkt + off, l, &s->name.ss, now_ns, &c, &e->rx_out_ptr[k],
                              &e->rx_out_len[k]))
                     k++;
                 if (len == 0)

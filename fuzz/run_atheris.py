@@ -9,7 +9,8 @@ Usage (from the checkout root)::
 
 Without a directory argument the run reads and grows ``fuzz/corpus/TARGET``
 (new inputs are written there; minimise afterwards with ``fuzz/minimize.sh``).
-Crashes go to ``fuzz/artifacts/``.
+Crashes go to ``fuzz/artifacts/``.  ``fuzz/dict/TARGET.dict`` (directive
+names, message keywords, PEM markers), when present, is passed as ``-dict``.
 
 Memory bound: before fuzzing, the address space is capped with RLIMIT_AS
 (``BSD_OVPN_FUZZ_AS_MB``, default 1536 MiB above what the interpreter has
@@ -81,6 +82,9 @@ def main() -> None:
         art = os.path.join(ROOT, "fuzz", "artifacts", "")
         os.makedirs(art, exist_ok=True)
         args.insert(0, f"-artifact_prefix={art}{name}-")
+    dict_path = os.path.join(ROOT, "fuzz", "dict", f"{name}.dict")
+    if os.path.exists(dict_path) and not any(a.startswith("-dict") for a in args):
+        args.insert(0, f"-dict={dict_path}")
     if not any(a.startswith("-max_len") for a in args):
         args.insert(0, "-max_len=4096")
     atheris.Setup([sys.argv[0]] + args, fn)

@@ -593,10 +593,14 @@ def make_engine_host(clock: EngineClock) -> Any:
 
         def destroy_link(self, name):  # type: ignore[no-untyped-def]
             self.links.discard(name)
+            self.up.discard(name)
 
         def rename_link(self, name, new):  # type: ignore[no-untyped-def]
             self.links.discard(name)
             self.links.add(new)
+            if name in self.up:
+                self.up.discard(name)
+                self.up.add(new)
 
         def set_link_up(self, name):  # type: ignore[no-untyped-def]
             self.up.add(name)

@@ -6,3 +6,4 @@ from __future__ import annotations
 from bsd_ovpn.cli import probe  # noqa: F401
 from bsd_ovpn.cli import lowlevel  # noqa: F401
 from bsd_ovpn.cli import daemon  # noqa: F401
+from bsd_ovpn.cli import demo  # noqa: F401

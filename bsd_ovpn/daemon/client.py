@@ -67,6 +67,10 @@ def check_client_config(cfg: configmod.Config) -> None:
         raise err("dev", f"dev {cfg.dev}: if_ovpn is a tun (layer 3) device")
     if cfg.allow_compression not in ("no",):
         raise err("allow-compression", "if_ovpn cannot compress; use 'allow-compression no'")
+    a = cfg.auth_user_pass
+    if a is not None and (a.username is None or a.password is None):
+        raise err("auth-user-pass", "ovpnctl client cannot prompt: give auth-user-pass a file "
+                  "with the username and the password on two lines")
 
 
 def _resolve(host: str, port: int, proto: str) -> tuple[int, Addr]:
@@ -265,6 +269,7 @@ class ClientDaemon:
                                         ifmode="subnet" if topology == "subnet" else "p2p")
             self.dc = DataChannel(self.ifc, self.sock)
         assert self.dc is not None
+        self.dc.sock = self.sock             # persist-tun: the socket may be a new one
         self.peer_id = peer_id
         self.dc.new_peer(peer_id, self.remote)
         for k in self.pending_keys:

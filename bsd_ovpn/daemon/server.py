@@ -153,7 +153,6 @@ class ServerDaemon:
         self.records: dict[int, ClientRecord] = {}
         self.started = wall()
         self.stopping = False
-        self.ended_clients: list[dict[str, Any]] = []
         self.endpoint = ServerEndpoint(self._server_settings(cfg),
                                        wrap_factory=_wrap_factory(cfg),
                                        tls_crypt_v2=_v2_server(cfg), cookie_jar=cookie_jar)
@@ -232,8 +231,9 @@ class ServerDaemon:
         e, pid = ce.event, ce.peer_id
         rec = self.records.get(pid)
         if rec is None:
-            if isinstance(e, ev.ConnectionTerminated):
-                return                          # never got far enough to be recorded
+            if not isinstance(e, (ev.HandshakeComplete, ev.PeerAuthenticated, ev.AuthRequest,
+                                  ev.KeysReady)):
+                return                          # the tail of a session we already dropped
             rec = self.records[pid] = ClientRecord(pid, ce.addr,
                                                    self.endpoint.session_by_peer_id(pid))
         rec.addr = ce.addr
@@ -247,9 +247,12 @@ class ServerDaemon:
         elif isinstance(e, ev.AuthRequest):
             self._start_auth_script(rec, e)
         elif isinstance(e, ev.KeysReady):
-            if pid not in self.dc.peers:
+            new = pid not in self.dc.peers
+            if new:
                 self._add_peer(rec)
             self.dc.apply(pid, e)
+            if new:
+                self._add_iroutes(rec)          # step 5: the link is up now
             rec.last_handshake = self.wall()
             rec.cipher = e.keys.cipher
             if rec.key_id is None:
@@ -272,10 +275,13 @@ class ServerDaemon:
             self._remove_client(rec, f"{e.reason}: {e.message}")
 
     def _add_peer(self, rec: ClientRecord) -> None:
-        """NEW_PEER + SET_PEER (dco spec §4.2 steps 2-3), then iroutes (step 5)."""
+        """NEW_PEER + SET_PEER (dco spec §4.2 steps 2-3)."""
         self._allocate(rec)
         self.dc.new_peer(rec.peer_id, rec.addr, vpn_ipv4=rec.vpn_ipv4, vpn_ipv6=rec.vpn_ipv6)
         self.dc.set_keepalive(rec.peer_id, self.cfg.ping, self.cfg.ping_restart)
+
+    def _add_iroutes(self, rec: ClientRecord) -> None:
+        """iroutes become routes via the client's VPN address (dco spec §4.2 step 5)."""
         for net, via in self._iroutes(rec):
             try:
                 self.netcfg.add_route(self.ifc.name, net, via, metric=IROUTE_METRIC)
@@ -442,6 +448,8 @@ class ServerDaemon:
                 return (False, "client disabled in client-config-dir")
         if self.cfg.auth_user_pass_verify is not None:
             return None
+        if req.key_id == 0:
+            self._replace_same_cn(req.peer_common_name)
         return True
 
     def _start_auth_script(self, rec: ClientRecord, req: ev.AuthRequest) -> None:
@@ -474,15 +482,22 @@ class ServerDaemon:
             log.debug("peer %d: late auth result ignored: %s", peer_id, exc)
         self.pump(now)
 
-    def _enforce_unique_cn(self, rec: ClientRecord, now: float) -> None:
-        if self.cfg.duplicate_cn or not rec.common_name:
+    def _replace_same_cn(self, cn: str | None, keep: ClientRecord | None = None) -> None:
+        """Without duplicate-cn a common name has one session: a reconnecting client
+        replaces its old one at once (so it gets its old address back)."""
+        if self.cfg.duplicate_cn or not cn:
             return
+        now = self.clock()
         for other in list(self.records.values()):
-            if other is not rec and other.common_name == rec.common_name \
-                    and other.connected_since is not None:
-                log.info("peer %d: common name %s reconnected as peer %d; dropping the old "
-                         "session", other.peer_id, rec.common_name, rec.peer_id)
+            if other is not keep and other.common_name == cn and other.connected_since is not None:
+                log.info("peer %d: common name %s connected again; dropping the old session",
+                         other.peer_id, cn)
                 self.kill_peer(other.peer_id, now)
+                if other.peer_id in self.records:
+                    self._remove_client(other, "replaced by a new connection")
+
+    def _enforce_unique_cn(self, rec: ClientRecord, now: float) -> None:
+        self._replace_same_cn(rec.common_name, keep=rec)
 
     # ------------------------------------------------------------------ control
     def kill(self, target: str, now: float) -> list[int]:

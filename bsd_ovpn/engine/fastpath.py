@@ -64,6 +64,9 @@ class FastDataPlane:
         self._c.set_rotate_threshold(SEQ_ROTATE)
         self._fds: tuple[int, int] | None = None
         self._offload = True
+        #: Bytes of address-family header on each tun packet (the engine's tun
+        #: object knows: 0 for Linux IFF_NO_PI, 4 for FreeBSD TUNSIFHEAD).
+        self.tun_header = TUN_HEADER
 
     # -- switches (plain attributes in the protocol) -------------------------
     @property
@@ -110,7 +113,7 @@ class FastDataPlane:
         udp, tun = os.dup(udp_fd), os.dup(tun_fd)
         try:
             os.set_blocking(udp, True)
-            self._c.attach(udp, tun, TUN_HEADER)
+            self._c.attach(udp, tun, self.tun_header)
         except BaseException:
             os.close(udp)
             os.close(tun)

@@ -15,6 +15,7 @@ now)``, ``datagrams_to_send(now) -> [(bytes, addr)]``, ``get_timer()``,
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 from collections import deque
@@ -97,8 +98,6 @@ class ServerEndpoint:
         self.dropped = 0
         self.last_error: str | None = None
         self.cookie_resets_sent = 0
-        if settings.pool is not None and settings.session.client_push is None:
-            settings.session.client_push = self._pool_push
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -167,6 +166,15 @@ class ServerEndpoint:
                 and s.primary.tls.handshake_complete:
             s.send_control_message("RESTART")
         s.close(now)
+        self._collect(c)
+
+    def drop_client(self, peer_id: int, reason: str = "dropped",
+                    message: str = "dropped by the server") -> None:
+        """Forget one client at once (no goodbye), e.g. after if_ovpn's DEL_PEER TIMEOUT."""
+        c = self._by_peer_id.get(peer_id)
+        if c is None:
+            raise LocalProtocolError(f"no client with peer_id {peer_id}")
+        c.session.abort(reason, message)
         self._collect(c)
 
     def float_client(self, peer_id: int, new_addr: Addr) -> None:
@@ -271,7 +279,7 @@ class ServerEndpoint:
         if peer_id is None:
             return self._drop(f"from {addr}: max-clients {self.settings.max_clients} reached")
         wrap.send_packet_id = 1           # our stateless reset used replay packet-id 1
-        session = Session.accept_cookie(self.settings.session, wrap, now,
+        session = Session.accept_cookie(self._session_settings(), wrap, now,
                                         cookie=pkt.remote_session_id,
                                         client_sid=pkt.session_id, peer_id=peer_id)
         client = _Client(addr, peer_id, session, metadata)
@@ -287,7 +295,7 @@ class ServerEndpoint:
         peer_id = self._allocate_peer_id()
         if peer_id is None:
             return self._drop(f"from {addr}: max-clients {self.settings.max_clients} reached")
-        session = Session.accept_reset(self.settings.session, wrap, now,
+        session = Session.accept_reset(self._session_settings(), wrap, now,
                                        client_sid=pkt.session_id, peer_id=peer_id)
         client = _Client(addr, peer_id, session, getattr(wrap, "metadata", None))
         self._add(client)
@@ -296,6 +304,13 @@ class ServerEndpoint:
         return ok
 
     # ------------------------------------------------------------------ bookkeeping
+    def _session_settings(self) -> SessionSettings:
+        """Per-client session settings; read at session creation so a reload applies."""
+        st = self.settings
+        if st.pool is not None and st.session.client_push is None:
+            return dataclasses.replace(st.session, client_push=self._pool_push)
+        return st.session
+
     def _allocate_peer_id(self) -> int | None:
         if len(self._clients) >= self.settings.max_clients:
             return None
@@ -310,7 +325,7 @@ class ServerEndpoint:
 
     def _remove(self, client: _Client, why: str) -> None:
         if client.session.terminated is None:
-            client.session._terminate("replaced", why)   # noqa: SLF001 - same package
+            client.session.abort("replaced", why)
         self._collect(client, remove=False)
         self._clients.pop(client.addr, None)
         self._by_peer_id.pop(client.peer_id, None)

@@ -412,6 +412,13 @@ class Session:
         else:
             self._terminate("closed", "session closed locally")
 
+    def abort(self, reason: str, message: str) -> None:
+        """End the session now without telling the peer (e.g. if_ovpn expired it).
+
+        Emits DeleteKey for the installed keys and ConnectionTerminated.
+        """
+        self._terminate(reason, message)
+
     def send_control_message(self, text: str) -> None:
         """Send one NUL-terminated control message (e.g. ``RESTART``) on the primary key."""
         p = self.primary

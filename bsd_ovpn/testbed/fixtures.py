@@ -14,6 +14,9 @@ Fixtures:
 ``two_hosts``      function: :class:`TwoHosts`: server/client linked on 192.0.2.0/24 + 2001:db8:2::/64
 ``stock_openvpn``  function: :class:`StockFactory`; ``.server(host, **opts)``, ``.client(host, remote=…)``
 ``iperf``          function: :class:`~bsd_ovpn.testbed.iperf.Iperf` runner
+``ovpn_engines``   module: :class:`~bsd_ovpn.testbed.daemons.Engines` (per-host data channel)
+``ovpnctl``        function: :class:`~bsd_ovpn.testbed.daemons.OvpnctlFactory`;
+                   ``.server(host, config)``, ``.client(host, config)`` run our daemons
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from bsd_ovpn.testbed.daemons import Engines, OvpnctlFactory
 from bsd_ovpn.testbed.hosts import Host, Lab, cleanup_stale
 from bsd_ovpn.testbed.iperf import Iperf
 from bsd_ovpn.testbed.pki import PKI
@@ -35,6 +39,7 @@ SERVER_IP, CLIENT_IP = "192.0.2.1", "192.0.2.2"
 SERVER_IP6, CLIENT_IP6 = "2001:db8:2::1", "2001:db8:2::2"
 
 _PEERS_KEY = pytest.StashKey[list]()
+_DAEMONS_KEY = pytest.StashKey[OvpnctlFactory]()
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     peers = item.stash.get(_PEERS_KEY, None)
     if rep.failed and peers:
         for title, text in log_sections(peers):
+            rep.sections.append((f"{title} ({rep.when})", text))
+    ours = item.stash.get(_DAEMONS_KEY, None)
+    if rep.failed and ours is not None:
+        for title, text in ours.log_sections():
             rep.sections.append((f"{title} ({rep.when})", text))
 
 
@@ -160,3 +169,30 @@ def iperf(tmp_path: Path) -> Iterator[Iperf]:
         yield runner
     finally:
         runner.close()
+
+
+@pytest.fixture(scope="module")
+def ovpn_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    """The data channel per host, shared by a module's tests: engine daemons on Linux
+    (one per host, started on first use), the kernel's if_ovpn on FreeBSD."""
+    engines = Engines()
+    try:
+        yield engines
+    finally:
+        engines.close()
+
+
+@pytest.fixture
+def ovpnctl(request: pytest.FixtureRequest, ovpn_engines: Engines,
+            tmp_path: Path) -> Iterator[OvpnctlFactory]:
+    """Factory for our daemons (``ovpnctl server|client -c FILE``) in test hosts.
+
+    All are SIGTERMed after the test (a daemon that ignores SIGTERM fails the
+    teardown); a failing test gets their logs and their engines' logs.
+    """
+    factory = OvpnctlFactory(ovpn_engines, tmp_path / "ovpnctl")
+    request.node.stash[_DAEMONS_KEY] = factory
+    try:
+        yield factory
+    finally:
+        factory.stop_all()

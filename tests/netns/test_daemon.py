@@ -143,6 +143,11 @@ def client_config(pki: PKI, keys: WrapKeys, two: TwoHosts, tmp: Path, name: str 
     return path
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def engine_interfaces(path: str) -> list[str]:
     from bsd_ovpn.engine.transport import EngineTransport
 
@@ -246,6 +251,11 @@ def test_ovpnctl_client_to_ovpnctl_server(two_hosts: TwoHosts, pki: PKI, wrap_ke
     assert c["cipher"] == s["cipher"] == "AES-256-GCM"
     # what one side sent, the other received (pings and keepalives both ways)
     assert c["packets_in"] >= 3 and s["packets_in"] >= 3
+    # an idle tunnel costs (almost) no CPU in either daemon: no busy timer loop
+    used = [cpu_seconds(p.proc.pid) for p in (srv, cli)]
+    time.sleep(3)
+    used = [cpu_seconds(p.proc.pid) - u for p, u in zip((srv, cli), used)]
+    assert max(used) < 0.3, used
     # SIGTERM on the client: EXIT reaches the server, which forgets it at once
     assert daemons.stop(cli) == 0
     srv.wait_log("disconnected", timeout=10)
@@ -338,4 +348,61 @@ def test_stock_client_wrappings(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKe
                           str(daemons.workdir / "srv.ctl")])
     assert 'ovpnctl_peers{role="server",' in res.stdout
     assert 'common_name="frank"' in res.stdout
+    assert daemons.stop(srv) == 0
+
+
+def test_two_stock_clients_reach_each_other(lab, pki: PKI, wrap_keys: WrapKeys, stock_openvpn,
+                                            daemons: Daemons, tmp_path: Path) -> None:
+    """Several peers on one interface: the data channel picks the peer by VPN address."""
+    srv_h, a, b = lab.host("srv"), lab.host("a"), lab.host("b")
+    lab.segment([srv_h, a, b], ["192.0.2.1/24", "192.0.2.2/24", "192.0.2.3/24"])
+    conf = OvpnConfig.server(pki, wrap_keys, local="192.0.2.1", topology="subnet",
+                             keepalive=(2, 10), extra=("client-to-client",))
+    path = tmp_path / "server.conf"
+    path.write_text(conf.render())
+    srv = daemons.ovpnctl(srv_h, "srv", "server", path, daemons.engine(srv_h, "srv"))
+    srv.wait_log("listening on")
+    ca = stock_openvpn.client(a, remote="192.0.2.1", cert=pki.client("gina"), name="a")
+    cb = stock_openvpn.client(b, remote="192.0.2.1", cert=pki.client("hank"), name="b")
+    ca.wait_ready(30)
+    cb.wait_ready(30)
+    clients = {c["common_name"]: c for c in status(daemons, "srv", srv_h)["clients"]}
+    assert sorted(clients) == ["gina", "hank"]
+    assert clients["gina"]["peer_id"] != clients["hank"]["peer_id"]
+    ip_a, ip_b = clients["gina"]["vpn_ipv4"], clients["hank"]["vpn_ipv4"]
+    assert srv_h.ping(ip_a, count=2, timeout=15) and srv_h.ping(ip_b, count=2, timeout=15)
+    assert a.ping(ip_b, count=2, timeout=15)            # through the server, both peers
+    assert daemons.stop(srv) == 0
+
+
+def test_iroute_routes_a_network_behind_a_client(two_hosts: TwoHosts, pki: PKI,
+                                                 wrap_keys: WrapKeys, stock_openvpn,
+                                                 daemons: Daemons, tmp_path: Path) -> None:
+    """client-config-dir iroute: a kernel route via the client's VPN address (metric 100),
+    removed again when the client goes."""
+    two = two_hosts
+    ccd = tmp_path / "ccd"
+    ccd.mkdir()
+    (ccd / "ivan").write_text("iroute 198.51.100.192 255.255.255.192\n")
+    conf = OvpnConfig.server(pki, wrap_keys, local=two.server_ip, topology="subnet",
+                             subnet="198.51.100.0/25", keepalive=(2, 10),
+                             extra=(f"client-config-dir {ccd}",))
+    path = tmp_path / "server.conf"
+    path.write_text(conf.render())
+    srv = daemons.ovpnctl(two.server, "srv", "server", path, daemons.engine(two.server, "srv"))
+    srv.wait_log("listening on")
+    two.client.run(["ip", "addr", "add", "198.51.100.193/32", "dev", "lo"])
+    cli = stock_openvpn.client(two.client, remote=two.server_ip, cert=pki.client("ivan"))
+    cli.wait_ready(30)
+    [c] = status(daemons, "srv", two.server)["clients"]
+    assert c["iroutes"] == ["198.51.100.192/26"]
+    route = two.server.run(["ip", "route", "show", "198.51.100.192/26"]).stdout
+    assert f"via {c['vpn_ipv4']}" in route and "metric 100" in route
+    assert two.server.ping("198.51.100.193", count=2, timeout=15), srv.text()[-2000:]
+    cli.stop()                                   # so that it cannot come back at once
+    res = two.server.run([sys.executable, "-c", "from bsd_ovpn.cli import main; main()", "kill",
+                          "--json", "ivan", "--control-socket", str(daemons.workdir / "srv.ctl")])
+    assert json.loads(res.stdout) == {"killed": [c["peer_id"]]}
+    srv.wait_log("disconnected", timeout=15)
+    assert two.server.run(["ip", "route", "show", "198.51.100.192/26"]).stdout.strip() == ""
     assert daemons.stop(srv) == 0

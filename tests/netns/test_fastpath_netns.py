@@ -125,3 +125,25 @@ def test_iperf3_tcp_and_udp(tunnel: tuple[TwoHosts, ManualEngine, ManualEngine],
     done_c, done_s = cli.stop(), srv.stop()
     assert done_s["lost_data_in"] == done_c["lost_data_in"] == 0
     assert done_s["data_in"] > 10000 and done_c["data_in"] > 10000
+
+
+@pytest.mark.iperf3
+@pytest.mark.slow
+@pytest.mark.parametrize("tunnel", [("AES-128-GCM", False)], indirect=True, ids=["aes128"])
+def test_outer_path_needs_fragments(tunnel: tuple[TwoHosts, ManualEngine, ManualEngine],
+                                    iperf: Iperf) -> None:
+    """Outer MTU 1280 < tunnel packets (tun MTU 1400): datagrams go out as IP fragments.
+
+    UDP GSO refuses segments larger than the path MTU (EINVAL), so batches
+    must fall back to one datagram per send instead of being lost.
+    """
+    t, srv, cli = tunnel
+    for host, ifname in ((t.server, t.server_if), (t.client, t.client_if)):
+        host.run(["ip", "link", "set", "dev", ifname, "mtu", "1280"])
+    t.client.wait_ping("198.51.100.1", timeout=10)
+    assert t.client.ping("198.51.100.1", count=3, interval=0.05, size=1350, timeout=10)
+    tcp = iperf.run(t.server, t.client, "198.51.100.1", seconds=2)
+    rev = iperf.run(t.server, t.client, "198.51.100.1", seconds=2, reverse=True)
+    assert tcp.received_mbps > 20 and rev.received_mbps > 20, (tcp, rev)
+    done_c, done_s = cli.stop(), srv.stop()
+    assert done_c["lost_data_out"] == done_s["lost_data_out"] == 0

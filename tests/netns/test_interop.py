@@ -198,6 +198,14 @@ class Helper:
                 return d
         raise AssertionError(f"helper never reported {what}; output:\n{''.join(self.raw[-40:])}")
 
+    def all(self) -> list[dict]:
+        """Everything reported so far."""
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                return self.seen
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -241,6 +249,7 @@ def test_stock_client_against_our_server(two_hosts: Any, stock_openvpn: Any, pki
         time.sleep(6)
         log = cli.log
         assert "Inactivity timeout" not in log and "Decrypt" not in log, cli.log_tail()
+        assert not any(d.get("event") == "data-error" for d in helper.all())
         assert helper.proc.poll() is None
     finally:
         helper.stop()
@@ -267,7 +276,7 @@ def test_our_client_data_both_ways(two_hosts: Any, stock_openvpn: Any, pki: Any,
         log = srv.log
         assert "Inactivity timeout" not in log and "Decrypt" not in log, srv.log_tail()
         assert not any(d.get("event") in ("data-error", "ConnectionTerminated")
-                       for d in helper.seen)
+                       for d in helper.all())
         assert helper.proc.poll() is None
     finally:
         helper.stop()
@@ -292,7 +301,7 @@ def test_stock_client_credentials_checked_by_our_hook(two_hosts: Any, stock_open
         else:
             cli.wait_for(r"AUTH: Received control message: AUTH_FAILED", 30)
             helper.wait(lambda d: d.get("event") == "AuthFailed", 5, "AuthFailed")
-            assert not any(d.get("event") == "KeysReady" for d in helper.seen)
+            assert not any(d.get("event") == "KeysReady" for d in helper.all())
     finally:
         helper.stop()
 
@@ -356,6 +365,8 @@ def test_renegotiation_every_5s(two_hosts: Any, stock_openvpn: Any, pki: Any, wr
         log = peer.log
         assert "Decrypt" not in log and "Inactivity timeout" not in log, peer.log_tail()
         assert "TLS Error" not in log, peer.log_tail()
+        assert not any(d.get("event") in ("data-error", "ConnectionTerminated")
+                       for d in helper.all())
         assert helper.proc.poll() is None
     finally:
         helper.stop()

@@ -443,7 +443,7 @@ def test_server_sighup_reload_keeps_clients(files) -> None:
     n.connect(events2)
     [push] = [e for e in events2 if isinstance(e, ev.PushReplyReceived)]
     assert any(r.network == "192.0.2.0" for r in push.reply.routes)
-    assert str(push.reply.ifconfig[0]) == "198.51.100.3"
+    assert str(push.reply.ifconfig[0]) == "198.51.100.2"       # alice again: replaced
     server_config(files)
 
 
@@ -631,3 +631,50 @@ def test_client_tries_the_next_remote(files) -> None:
     assert n.d.state == "connected" and n.d.remote[0] == "192.0.2.1"
     assert last(n.tr, C.OVPN_NEW_PEER)["remote"]["address"] == bytes([192, 0, 2, 1])
     n.close()
+
+
+def test_client_persist_tun_keeps_interface_across_reconnects(files) -> None:
+    n = ClientNet(files, "persist-tun")
+    n.d.start(n.clock.t)
+    n.advance(10, until=lambda: n.d.state == "connected")
+    n.tr.calls.clear()
+    n.tr.script(C.OVPN_GET_PKT, notif(peerid=0, notification=0, del_reason=1))
+    n.d.wake(n.clock.t)
+    assert n.tr.interfaces == ["tun0"] and "destroy_interface" not in calls(n.tr)
+    n.advance(15, until=lambda: n.d.state == "connected")
+    # the kernel already deleted the old peer; the new one goes onto the same interface
+    assert calls(n.tr) == ["NEW_PEER", "NEW_KEY", "START_VPN", "SET_PEER"]
+    n.d.close()
+    assert n.tr.interfaces == []
+    n.close()
+
+
+def test_server_same_cn_replaces_old_session_and_keeps_address(files) -> None:
+    n = ServerNet(files)
+    n.connect()
+    n.tr.calls.clear()
+    _s2, events2 = n.add_client(("192.0.2.2", 40002))     # alice again, new source port
+    n.connect(events2)
+    assert any(isinstance(e, ev.RestartReceived) for e in n.c_events)    # the old one is told
+    assert calls(n.tr)[:2] == ["DEL_PEER", "NEW_PEER"]
+    assert last(n.tr, C.OVPN_DEL_PEER)["peerid"] == 0
+    assert last(n.tr, C.OVPN_NEW_PEER)["peerid"] == 1
+    [push] = [e for e in events2 if isinstance(e, ev.PushReplyReceived)]
+    assert str(push.reply.ifconfig[0]) == "198.51.100.2"
+    n.advance(8)                                   # the old session's tail changes nothing
+    assert sorted(n.d.records) == [1] and calls(n.tr).count("DEL_PEER") == 1
+
+
+def test_server_duplicate_cn_allows_both(files) -> None:
+    n = ServerNet(files, "duplicate-cn")
+    n.connect()
+    _s2, events2 = n.add_client(("192.0.2.2", 40002))
+    n.connect(events2)
+    assert sorted(n.d.records) == [0, 1] and "DEL_PEER" not in calls(n.tr)
+
+
+def test_client_needs_credentials_in_a_file(files) -> None:
+    with pytest.raises(ConfigError, match="cannot prompt") as info:
+        ClientDaemon(client_config(files, "auth-user-pass"), transport=RecordingTransport(),
+                     open_socket=lambda f: None)
+    assert info.value.directive == "auth-user-pass"

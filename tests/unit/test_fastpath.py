@@ -70,14 +70,14 @@ class Rig:
         self.udp.bind((LO, 0))
         self.addr = self.udp.getsockname()
         self.tun_engine, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.tun.settimeout(2)
+        self.tun.settimeout(5)
         self.remotes: list[socket.socket] = []
         self.dp.attach(self.udp.fileno(), self.tun_engine.fileno())
 
     def remote(self) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((LO, 0))
-        s.settimeout(2)
+        s.settimeout(5)
         self.remotes.append(s)
         return s
 
@@ -93,7 +93,7 @@ class Rig:
     def from_tun(self) -> bytes:
         return self.tun.recv(70000)
 
-    def wait_counters(self, pred, timeout: float = 2.0) -> IfaceCounters:
+    def wait_counters(self, pred, timeout: float = 5.0) -> IfaceCounters:
         deadline = time.monotonic() + timeout
         while True:
             c = self.dp.iface_counters()
@@ -429,8 +429,8 @@ def test_ipv6_socket_and_remote() -> None:
     try:
         udp.bind(("::1", 0))
         remote.bind(("::1", 0))
-        remote.settimeout(2)
-        tun.settimeout(2)
+        remote.settimeout(5)
+        tun.settimeout(5)
         dp.attach(udp.fileno(), tun_e.fileno())
         dp.add_peer(1, remote.getsockname(), None, None, None)
         key, iv = os.urandom(32), os.urandom(8)
@@ -595,7 +595,7 @@ def test_control_changes_under_traffic(rig: Rig) -> None:
             while True:
                 sock.recv(70000)
         except OSError:
-            sock.settimeout(2)
+            sock.settimeout(5)
     rig.dp.replay_protection = False
     pkt = ip4("198.51.100.1")
     k["remote"].sendto(make_rx(k, 1, pkt), rig.addr)
@@ -612,7 +612,7 @@ def test_local_address_chooses_the_source() -> None:
         udp.bind(("0.0.0.0", 0))
         port = udp.getsockname()[1]
         remote.bind((LO, 0))
-        remote.settimeout(2)
+        remote.settimeout(5)
         dp.attach(udp.fileno(), tun_e.fileno())
         key, iv = os.urandom(16), os.urandom(8)
         dp.add_peer(1, remote.getsockname(), None, None, None)

@@ -545,3 +545,16 @@ def test_server_reneg_sec_has_jitter(tls: tuple[TLSConfig, TLSConfig]) -> None:
     c, s = net.client.primary, net.server_session.primary
     assert c.reneg_at == c.established + 100
     assert s.established + 90 <= s.reneg_at <= s.established + 100
+
+
+def test_drop_client_frees_state_and_peer_id(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls)
+    net.run(net.established)
+    net.endpoint.drop_client(0, "ping-restart", "kernel expired the peer")
+    events = []
+    while (ce := net.endpoint.next_event()) is not None:
+        events.append(ce.event)
+    assert isinstance(events[-1], ev.ConnectionTerminated)
+    assert events[-1].reason == "ping-restart"
+    assert [e.slot for e in events if isinstance(e, ev.DeleteKey)] == [KeySlot.PRIMARY]
+    assert len(net.endpoint) == 0 and net.endpoint.session_by_peer_id(0) is None
