@@ -559,8 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="N = 50")
-    ap.add_argument("--workers", type=int, default=1,
-                    help="generator processes (default 1; the server needs the other core)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="generator processes (default 2: one Python client costs more CPU "
+                         "per handshake than stock openvpn's server side, so one process "
+                         "would be the bottleneck)")
     ap.add_argument("--rate", type=float, default=None,
                     help="client starts per second (default: all at once)")
     ap.add_argument("--sources", type=int, default=15,

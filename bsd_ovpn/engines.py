@@ -28,6 +28,7 @@ from typing import Literal
 
 from .errors import OvpnError, UnsupportedPlatform, ValidationError
 from .transport import KernelTransport, RecordingTransport, Transport, errno_error
+from .paths import ENGINE_SOCKET
 
 __all__ = [
     "EngineName", "ENGINES", "DEFAULT_ENGINE_SOCKET", "ENGINE_SOCKET_ENV", "ENGINE_ENV",
@@ -41,7 +42,7 @@ ENGINES: tuple[str, ...] = ("auto", "kernel", "userspace")
 #: Where ``ovpnctl engine run`` listens and every command looks by default.
 #: /var/run rather than /run: FreeBSD (where the engine is the fallback) has no
 #: /run, and on Linux /var/run is a symlink to /run.
-DEFAULT_ENGINE_SOCKET = "/var/run/bsd_ovpn/engine.sock"
+DEFAULT_ENGINE_SOCKET = ENGINE_SOCKET
 ENGINE_SOCKET_ENV = "BSD_OVPN_ENGINE_SOCKET"
 ENGINE_ENV = "BSD_OVPN_ENGINE"
 

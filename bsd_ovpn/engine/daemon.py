@@ -113,8 +113,7 @@ class LinuxHost:
 
     def make_dataplane(self, name: str) -> DataPlane:
         dp = self._factory()
-        if isinstance(dp, PythonDataPlane):
-            dp.tun_header = self.tuns[name].header
+        dp.tun_header = self.tuns[name].header
         return dp
 
     def hook_socket(self, name: str, fd: int, dataplane: DataPlane) -> None:

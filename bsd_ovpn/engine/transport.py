@@ -20,8 +20,9 @@ from bsd_ovpn.engine.daemon import (
 from bsd_ovpn.errors import OvpnError
 from bsd_ovpn.ifovpn import Command
 from bsd_ovpn.transport import check_create_name
+from bsd_ovpn.paths import ENGINE_SOCKET
 
-DEFAULT_SOCKET = "/run/bsd_ovpn/engine.sock"
+DEFAULT_SOCKET = ENGINE_SOCKET
 _MAX_REPLY = 64 << 20
 
 
