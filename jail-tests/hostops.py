@@ -59,3 +59,12 @@ def ping_from(host: Host, src: str, dst: str, count: int = 1, timeout: float = 5
         argv = ["ping", "-6" if v6 else "-4", "-c", str(count), "-W", "1",
                 "-w", str(int(timeout)), "-I", src, dst]
     return host.run(argv, check=False, timeout=timeout + 10).returncode == 0
+
+
+def del_route(host: Host, dst: str, via: str) -> None:
+    """Remove a route added with ``Host.add_route(dst, via=)``."""
+    v = ipaddress.ip_network(dst, strict=False).version
+    if FREEBSD:
+        host.run(["route", "delete", "-6" if v == 6 else "-4", dst, via])
+    else:
+        host.run(["ip", f"-{v}", "route", "del", dst, "via", via])
