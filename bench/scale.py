@@ -545,7 +545,7 @@ def build_plan(args: argparse.Namespace, pki: PKI, tls_crypt: Path) -> LoadPlan:
                         sources[i % len(sources)]) for i, c in enumerate(creds)]
     return LoadPlan(remote=(SERVER6 if args.ipv6 else SERVER4, PORT), clients=specs,
                     wrap_factory=lambda: TLSCrypt(key, server=False),
-                    start_rate=args.rate, hand_window=60.0, wrap_key=key)
+                    start_rate=args.rate, hand_window=60.0)
 
 
 def source_addresses(args: argparse.Namespace) -> list[str]:

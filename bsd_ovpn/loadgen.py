@@ -94,7 +94,6 @@ class LoadPlan:
     data_ciphers: tuple[str, ...] = ("AES-256-GCM",)
     start_rate: float | None = None
     hand_window: float = 60.0
-    wrap_key: Any = None                # the tls-auth/tls-crypt StaticKey (dynamic tls-crypt)
     settings_factory: Callable[[ClientSpec], SessionSettings] | None = None
 
     def validate(self) -> None:
@@ -114,11 +113,8 @@ class LoadPlan:
     def settings_for(self, spec: ClientSpec) -> SessionSettings:
         if self.settings_factory is not None:
             return self.settings_factory(spec)
-        st = SessionSettings(server=False, tls=spec.tls, data_ciphers=self.data_ciphers,
-                             hand_window=self.hand_window, reneg_sec=0.0)
-        if self.wrap_key is not None and hasattr(st, "wrap_key"):
-            st.wrap_key = self.wrap_key
-        return st
+        return SessionSettings(server=False, tls=spec.tls, data_ciphers=self.data_ciphers,
+                               hand_window=self.hand_window, reneg_sec=0.0)
 
 
 # --------------------------------------------------------------------------- results

@@ -233,19 +233,7 @@ def client_settings_from(cfg: Any) -> SessionSettings:
         reneg_sec=float(cfg.reneg_sec), tran_window=float(cfg.tran_window),
         tls_timeout=float(cfg.tls_timeout), username=username, password=password,
         tls_auth_keydir=(cfg.tls_auth.direction if cfg.tls_auth is not None else None),
-        pull=cfg.pull or cfg.client, ping=ping, ping_restart=ping_restart,
-        wrap_key=_wrap_key2(cfg))
-
-
-def _wrap_key2(cfg: Any) -> Any:
-    """The key2 dynamic tls-crypt is XORed with: tls-crypt / tls-auth key or the v2 Kc."""
-    if cfg.tls_crypt_v2 is not None and hasattr(cfg.tls_crypt_v2.key, "kc"):
-        return cfg.tls_crypt_v2.key.kc
-    if cfg.tls_crypt is not None:
-        return cfg.tls_crypt.key
-    if cfg.tls_auth is not None:
-        return cfg.tls_auth.key
-    return None
+        pull=cfg.pull or cfg.client, ping=ping, ping_restart=ping_restart)
 
 
 def probe_config(path: str, *, timeout: float = DEFAULT_TIMEOUT, ekm: bool = True) -> ProbeResult:

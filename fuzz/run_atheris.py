@@ -59,7 +59,12 @@ def main() -> None:
     if sys.argv[1] == "--list":
         print("\n".join(targets.TARGETS))
         return
+    # libFuzzer re-runs argv[0] with only its own flags for -merge (and -fork):
+    # the target name travels to those children in the environment.
+    if sys.argv[1].startswith("-") and os.environ.get("BSD_OVPN_FUZZ_TARGET"):
+        sys.argv.insert(1, os.environ["BSD_OVPN_FUZZ_TARGET"])
     name = sys.argv[1]
+    os.environ["BSD_OVPN_FUZZ_TARGET"] = name
     if name not in targets.TARGETS:
         sys.exit(f"unknown target {name!r}; one of: {', '.join(targets.TARGETS)}")
     fn = targets.TARGETS[name]

@@ -643,8 +643,7 @@ def _gen_value(c: _Cursor, depth: int) -> Any:
         return _STRINGS[b % len(_STRINGS)] if b & 0x80 else \
             c.take(b % 24).decode("latin-1").replace("\0", "")
     if kind == 4:
-        n = c.u8() % 41
-        return c.take(n) if n else b"\x00"
+        return c.take(c.u8() % 41) or b"\x00"     # libnv binaries are never empty
     if kind in (5, 6) and depth < 3:
         return _gen_nvlist(c, depth + 1)
     if kind == 7:

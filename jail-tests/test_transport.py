@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from hostops import send_udp
+from hostops import del_route, send_udp
 from scenario import (
     CLIENT_IP, CLIENT_IP6, CLIENT_LL, OURS, SERVER_ALIAS, SERVER_ALIAS6, SERVER_IP, SERVER_IP6,
     SERVER_LL, SIDES_ALL, SIDES_BOTH_WAYS, STOCK, VPN_CLIENT4, VPN_CLIENT6, VPN_NET6,
@@ -186,13 +186,13 @@ def test_routing_loop_protection(pair: Any, scenario: Scenario, family: str) -> 
     inner = case["inner"][0][0]
     outer = case["remote"]
     assert_pings(pair.client, [inner], count=1)
-    fam = "-6" if family == "6in6" else "-4"
-    pair.client.run(["ip", fam, "route", "add", outer, "via", inner])
+    dst = f"{outer}/128" if family == "6in6" else f"{outer}/32"
+    pair.client.add_route(dst, via=inner)
     try:
         res = pair.client.ping(inner, count=1, timeout=3)
         assert not res, "a packet looped back through its own tunnel and still got a reply"
         assert t.client.running and t.server.running
     finally:
-        pair.client.run(["ip", fam, "route", "del", outer, "via", inner])
+        del_route(pair.client, dst, inner)
     # keepalive/ping-restart may have fired meanwhile: allow a reconnect
     assert_pings(pair.client, [inner], count=2, timeout=30, why="after removing the loop route")

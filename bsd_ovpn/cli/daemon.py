@@ -19,7 +19,7 @@ _CONFIG = click.option("-c", "--config", "config_path", required=True,
                        type=click.Path(exists=True, dir_okay=False),
                        help="OpenVPN config file (the same one openvpn --config reads).")
 _CONTROL = click.option("--control-socket", default=None, metavar="PATH",
-                        help="Control socket (default /run/bsd_ovpn/<config name>.ctl).")
+                        help="Control socket (default /var/run/bsd_ovpn/<config name>.ctl).")
 
 
 def _logging(config_path: str, verbose: bool) -> None:

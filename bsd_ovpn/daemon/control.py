@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bsd_ovpn.errors import OvpnError
+from bsd_ovpn.paths import RUN_DIR
 
 log = logging.getLogger("bsd_ovpn.daemon")
 
-RUN_DIR = "/run/bsd_ovpn"
 SOCKET_SUFFIX = ".ctl"
 MAX_REQUEST = 4096
 STATUS_SCHEMA = 1
@@ -37,7 +37,7 @@ class ControlError(OvpnError):
 
 
 def default_socket_path(config_path: str) -> str:
-    """``/run/bsd_ovpn/<config file stem>.ctl`` (server.conf -> server.ctl)."""
+    """``/var/run/bsd_ovpn/<config file stem>.ctl`` (server.conf -> server.ctl)."""
     stem = os.path.splitext(os.path.basename(config_path))[0] or "ovpnctl"
     return os.path.join(RUN_DIR, stem + SOCKET_SUFFIX)
 
@@ -239,7 +239,7 @@ def find_sockets(run_dir: str = RUN_DIR) -> list[str]:
 
 
 def resolve_socket(path: str | None) -> str:
-    """The socket to talk to: the one given, or the only daemon socket in /run/bsd_ovpn."""
+    """The socket to talk to: the one given, or the only daemon socket in /var/run/bsd_ovpn."""
     if path:
         return path
     found = find_sockets()

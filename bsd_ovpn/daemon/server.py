@@ -173,7 +173,7 @@ class ServerDaemon:
                      "IP stack; without client-to-client, block it in the firewall if needed")
 
     def _server_settings(self, cfg: configmod.Config) -> ServerSettings:
-        from bsd_ovpn.probe import _wrap_key2, tls_config_from
+        from bsd_ovpn.probe import tls_config_from
 
         session = SessionSettings(
             server=True, tls=tls_config_from(cfg), data_ciphers=tuple(cfg.data_ciphers),
@@ -182,8 +182,7 @@ class ServerDaemon:
             tls_timeout=float(cfg.tls_timeout),
             tls_auth_keydir=(cfg.tls_auth.direction if cfg.tls_auth is not None else None),
             push_options=(), client_push=self._client_push, auth_verify=self._auth_verify,
-            ping=0.0, ping_restart=0.0,          # the kernel runs the keepalive
-            wrap_key=_wrap_key2(cfg))            # dynamic tls-crypt is XORed with it
+            ping=0.0, ping_restart=0.0)          # the kernel runs the keepalive
         force = bool(cfg.tls_crypt_v2 is not None and cfg.tls_crypt_v2.force_cookie)
         return ServerSettings(session, max_clients=cfg.max_clients or 1024, force_cookie=force)
 

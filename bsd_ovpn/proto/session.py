@@ -98,7 +98,6 @@ class SessionSettings:
     push_request_interval: float = PUSH_REQUEST_INTERVAL
     pull: bool = True
     dyn_tls_crypt: bool = True          # announce / push dynamic tls-crypt (needs EKM)
-    wrap_key: StaticKey | None = None   # configured tls-auth/tls-crypt key2 (dyn tls-crypt XOR)
     # -- server
     push_options: tuple[str, ...] = ()
     client_push: Callable[[Session], list[str]] | None = None
@@ -859,11 +858,7 @@ class Session:
     def _make_dyn_wrap(self, ks: KeyState) -> Any:
         assert ks.tls is not None
         ekm = ks.tls.export_keying_material(DYN_TLS_CRYPT_LABEL, 256)
-        base = (getattr(self.wrap, "base_key", None) or getattr(self.wrap, "kc", None)
-                or self.settings.wrap_key)
-        if isinstance(self.wrap, NoWrap):
-            base = None
-        return dynamic_tls_crypt(ekm, base, self.server)
+        return dynamic_tls_crypt(ekm, self.wrap.base_key, self.server)
 
     def _established(self, ks: KeyState, now: float) -> None:
         """Keys are in use: schedule the reneg-sec renegotiation of this key_state.

@@ -123,6 +123,9 @@ class ControlWrap(ABC):
     wire_overhead: int = 0
     #: whether the wrapping carries a long-form replay id (tls-auth / tls-crypt)
     has_packet_id: bool = True
+    #: the configured key2 (tls-auth / tls-crypt key, or the tls-crypt-v2 Kc):
+    #: dynamic tls-crypt XORs its exported key with it (spec §5.5)
+    base_key: StaticKey | None = None
 
     def __init__(self) -> None:
         self._send_id = 0
@@ -220,6 +223,7 @@ class TLSAuth(ControlWrap):
 
     def __init__(self, key: StaticKey, direction: int | None, digest: str = "SHA1") -> None:
         super().__init__()
+        self.base_key = key
         self.digest = _digest_name(digest)
         self.hsize = hashlib.new(self.digest).digest_size
         send, recv = key_indices(direction)
@@ -265,6 +269,7 @@ class TLSCrypt(ControlWrap):
 
     def __init__(self, key: StaticKey, server: bool) -> None:
         super().__init__()
+        self.base_key = key
         self.server = bool(server)
         send, recv = (0, 1) if server else (1, 0)
         self._send_ke, self._send_ka = key.cipher(send)[:32], key.hmac(send)[:32]

@@ -126,4 +126,4 @@ def test_missing_socket_message(tmp_path) -> None:
 
 
 def test_default_socket_path() -> None:
-    assert default_socket_path("/etc/openvpn/server.conf") == "/run/bsd_ovpn/server.ctl"
+    assert default_socket_path("/etc/openvpn/server.conf") == "/var/run/bsd_ovpn/server.ctl"

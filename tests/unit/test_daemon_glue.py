@@ -162,7 +162,7 @@ class ServerNet:
         key = StaticKey.parse(f["tc"].read_text())
         s = Session.connect(
             SessionSettings(server=False, tls=ctls, data_ciphers=("AES-256-GCM",),
-                            username=username, password=password, wrap_key=key),
+                            username=username, password=password),
             TLSCrypt(key, server=False), self.clock.t)
         events: list[ev.Event] = []
         self.clients[addr] = (s, events)
@@ -468,7 +468,7 @@ class ClientNet:
                          key=files["skey"].read_text())
         key = StaticKey.parse(files["tc"].read_text())
         self.ss = SessionSettings(server=True, tls=stls, data_ciphers=("AES-256-GCM",),
-                                  push_options=("ping 10", "ping-restart 60"), wrap_key=key)
+                                  push_options=("ping 10", "ping-restart 60"))
         self.ep = ServerEndpoint(
             ServerSettings(self.ss, pool=ipaddress.ip_network("198.51.100.0/24")),
             wrap_factory=lambda: TLSCrypt(key, server=True), cookie_jar=CookieJar(b"k" * 32, 60))

@@ -65,20 +65,18 @@ class Net:
                  key: StaticKey | None = None, client_kw: dict | None = None,
                  server_kw: dict | None = None, endpoint_kw: dict | None = None) -> None:
         key = key or StaticKey.generate()
-        factory, v2, cwrap, ckey = _wraps(wrap, key)
+        factory, v2, cwrap, _ = _wraps(wrap, key)
         self.now = 1000.0
         skw = dict(server=True, tls=server_tls, ping=10, ping_restart=120, data_ciphers=("AES-256-GCM", "AES-128-GCM",
                                                                 "CHACHA20-POLY1305"),
                    push_options=("ping 10", "ping-restart 60"))
-        if wrap in ("tls-auth", "tls-crypt"):
-            skw["wrap_key"] = key
         skw.update(server_kw or {})
         self.server_settings = SessionSettings(**skw)
         self.endpoint = ServerEndpoint(
             ServerSettings(self.server_settings, pool=ipaddress.ip_network("198.51.100.0/24"),
                            **(endpoint_kw or {})),
             wrap_factory=factory, tls_crypt_v2=v2, cookie_jar=CookieJar(b"k" * 32, 60))
-        ckw = dict(server=False, tls=client_tls, wrap_key=ckey)
+        ckw = dict(server=False, tls=client_tls)
         ckw.update(client_kw or {})
         self.client = Session.connect(SessionSettings(**ckw), cwrap, self.now)
         self.c_events: list[ev.Event] = []
