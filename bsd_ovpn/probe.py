@@ -5,8 +5,8 @@ the real control channel (reset, TLS, key-method 2, PUSH_REPLY, key
 derivation) over a plain UDP socket and reporting what was negotiated, then
 saying goodbye with EXIT.  The protocol is all in
 :class:`~bsd_ovpn.proto.session.Session`; this module is the thin I/O glue
-(a ``selectors`` loop, as small as aioquic's asyncio glue) plus the mapping
-from a parsed OpenVPN client config to session settings.
+(a ``selectors`` loop, as small as aioquic's asyncio glue); the mapping from
+a parsed config to session settings is :mod:`bsd_ovpn.settings`.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from bsd_ovpn.errors import ConfigError, OvpnError
 from bsd_ovpn.proto import events as ev
 from bsd_ovpn.proto.keys import DataKeys
 from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.settings import client_settings_from
 
 DEFAULT_TIMEOUT = 30.0
 _RECV_SIZE = 65535
@@ -189,51 +190,6 @@ class _Loop:
             return t.message
         state = p.state.name if p is not None else "?"
         return f"handshake did not finish within {timeout:g} s (key state {state})"
-
-
-# --------------------------------------------------------------------------- config mapping
-
-def tls_config_from(cfg: Any) -> Any:
-    """TLSConfig from a parsed config's ca/cert/key/crl/verification directives."""
-    from bsd_ovpn.proto.tls import TLSConfig
-
-    if cfg.ca is None:
-        raise ConfigError("no ca given (ca file or <ca> block)", cfg.path)
-    cert = cfg.cert.read() if cfg.cert is not None else None
-    if cert is not None and cfg.extra_certs is not None:
-        cert = cert + "\n" + cfg.extra_certs.read()
-    vxn = None
-    if cfg.verify_x509_name is not None:
-        vxn = (cfg.verify_x509_name.name, cfg.verify_x509_name.type)
-    tls_min = (cfg.tls_version_min or "1.2").split()[0]
-    return TLSConfig(ca=cfg.ca.read(), cert=cert,
-                     key=cfg.key.read() if cfg.key is not None else None,
-                     crl=[cfg.crl_verify.read()] if cfg.crl_verify is not None else (),
-                     verify_x509_name=vxn, remote_cert_tls=cfg.remote_cert_tls,
-                     tls_version_min=tls_min if tls_min in ("1.2", "1.3") else "1.2",
-                     verify_client_cert=cfg.verify_client_cert)
-
-
-def client_settings_from(cfg: Any) -> SessionSettings:
-    """Session settings of a client config (everything but the wrap and the remote)."""
-    if cfg.is_server:
-        raise ConfigError("probe needs a client config (this one is a server config)", cfg.path)
-    username = password = None
-    if cfg.auth_user_pass is not None:
-        username, password = cfg.auth_user_pass.username, cfg.auth_user_pass.password
-        if username is None or password is None:
-            raise ConfigError("auth-user-pass needs a file with username and password "
-                              "(the probe cannot ask)", cfg.path)
-    ping, ping_restart = float(cfg.ping), float(cfg.ping_restart)
-    if cfg.keepalive is not None:
-        ping, ping_restart = float(cfg.keepalive[0]), float(cfg.keepalive[1])
-    return SessionSettings(
-        server=False, tls=tls_config_from(cfg), data_ciphers=tuple(cfg.data_ciphers),
-        data_ciphers_fallback=cfg.data_ciphers_fallback, hand_window=float(cfg.hand_window),
-        reneg_sec=float(cfg.reneg_sec), tran_window=float(cfg.tran_window),
-        tls_timeout=float(cfg.tls_timeout), username=username, password=password,
-        tls_auth_keydir=(cfg.tls_auth.direction if cfg.tls_auth is not None else None),
-        pull=cfg.pull or cfg.client, ping=ping, ping_restart=ping_restart)
 
 
 def probe_config(path: str, *, timeout: float = DEFAULT_TIMEOUT, ekm: bool = True) -> ProbeResult:

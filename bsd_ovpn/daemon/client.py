@@ -30,6 +30,7 @@ from bsd_ovpn.proto import events as ev
 from bsd_ovpn.proto.packet import Opcode, peek
 from bsd_ovpn.proto.push import PushReply
 from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.settings import client_settings_from
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
 from bsd_ovpn.daemon.loop import DaemonError, DataChannel, create_interface, log
 from bsd_ovpn.daemon.netcfg import NetConfig
@@ -40,8 +41,6 @@ EXIT_LINGER = 2.0
 
 def client_settings(cfg: configmod.Config) -> SessionSettings:
     """Session settings of a client config; keepalive is the kernel's, not the session's."""
-    from bsd_ovpn.probe import client_settings_from
-
     s = client_settings_from(cfg)
     s.ping = 0.0
     s.ping_restart = 0.0

@@ -36,6 +36,7 @@ from bsd_ovpn.proto import events as ev
 from bsd_ovpn.proto.keymethod import IVProto
 from bsd_ovpn.proto.server import ClientEvent, ServerEndpoint, ServerSettings
 from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.settings import tls_config_from
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
 from bsd_ovpn.daemon.loop import DataChannel, DaemonError, log
 from bsd_ovpn.daemon.netcfg import NetConfig
@@ -173,8 +174,6 @@ class ServerDaemon:
                      "IP stack; without client-to-client, block it in the firewall if needed")
 
     def _server_settings(self, cfg: configmod.Config) -> ServerSettings:
-        from bsd_ovpn.probe import tls_config_from
-
         session = SessionSettings(
             server=True, tls=tls_config_from(cfg), data_ciphers=tuple(cfg.data_ciphers),
             data_ciphers_fallback=cfg.data_ciphers_fallback, hand_window=float(cfg.hand_window),

@@ -48,8 +48,7 @@ from bsd_ovpn.proto.reliable import (
 )
 from bsd_ovpn.proto.states import KSState, Trigger, transition
 from bsd_ovpn.proto.tls import TLSChannel, TLSConfig, TLSError
-from bsd_ovpn.proto.keyfile import StaticKey
-from bsd_ovpn.proto.wrap import NoWrap, TLSCryptV2Client, dynamic_tls_crypt
+from bsd_ovpn.proto.wrap import TLSCryptV2Client, dynamic_tls_crypt
 
 log = logging.getLogger(__name__)
 
