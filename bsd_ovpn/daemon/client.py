@@ -32,7 +32,7 @@ from bsd_ovpn.proto.push import PushReply
 from bsd_ovpn.proto.session import Session, SessionSettings
 from bsd_ovpn.settings import client_settings_from
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
-from bsd_ovpn.daemon.loop import DaemonError, DataChannel, create_interface, log
+from bsd_ovpn.daemon.loop import DaemonError, IfOvpnPeers, create_interface, log
 from bsd_ovpn.daemon.netcfg import NetConfig
 
 Addr = Any
@@ -112,7 +112,7 @@ class ClientDaemon:
         self.remote: Addr = None
         self.session: Session | None = None
         self.ifc: Interface | None = None
-        self.dc: DataChannel | None = None
+        self.dc: IfOvpnPeers | None = None
         self.peer_id: int | None = None
         self.pushed: PushReply | None = None
         self.pending_keys: list[ev.KeysReady] = []
@@ -266,7 +266,7 @@ class ClientDaemon:
         if self.ifc is None:
             self.ifc = create_interface(self.transport, self.cfg.dev or "tun",
                                         ifmode="subnet" if topology == "subnet" else "p2p")
-            self.dc = DataChannel(self.ifc, self.sock)
+            self.dc = IfOvpnPeers(self.ifc, self.sock)
         assert self.dc is not None
         self.dc.sock = self.sock             # persist-tun: the socket may be a new one
         self.peer_id = peer_id

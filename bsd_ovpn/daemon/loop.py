@@ -2,7 +2,7 @@
 
 Two small things live here:
 
-* :class:`DataChannel` -- **the one place** where session events become
+* :class:`IfOvpnPeers` -- **the one place** where session events become
   if_ovpn calls (NEW_PEER, SET_PEER, NEW_KEY + START_VPN, SWAP_KEYS, DEL_KEY,
   DEL_PEER) and where notifications are drained.  The server and the client
   only decide *when*; the slot dance itself comes from the session's events
@@ -49,7 +49,7 @@ class DaemonError(OvpnError):
 
 # --------------------------------------------------------------------------- if_ovpn glue
 
-class DataChannel:
+class IfOvpnPeers:
     """Session events -> if_ovpn calls on one interface, for any number of peers.
 
     ``sock`` is the UDP socket the control channel uses; NEW_PEER hands it to

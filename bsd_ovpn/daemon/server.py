@@ -5,7 +5,7 @@ data channel is the kernel (or the userspace engine).  This module is the
 glue between them and nothing more:
 
 * datagrams and time go into the endpoint; its events come out and go to
-  :meth:`ServerDaemon._on_event`, which asks :class:`~bsd_ovpn.daemon.loop.DataChannel`
+  :meth:`ServerDaemon._on_event`, which asks :class:`~bsd_ovpn.daemon.loop.IfOvpnPeers`
   for the if_ovpn calls;
 * kernel notifications (DEL_PEER/TIMEOUT, ROTATE_KEY, FLOAT) go back into the
   sessions;
@@ -38,7 +38,7 @@ from bsd_ovpn.proto.server import ClientEvent, ServerEndpoint, ServerSettings
 from bsd_ovpn.proto.session import Session, SessionSettings
 from bsd_ovpn.settings import tls_config_from
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
-from bsd_ovpn.daemon.loop import DataChannel, DaemonError, log
+from bsd_ovpn.daemon.loop import IfOvpnPeers, DaemonError, log
 from bsd_ovpn.daemon.netcfg import NetConfig
 
 #: kernel routes for iroutes get this metric, as OpenVPN's DCO code installs them
@@ -149,7 +149,7 @@ class ServerDaemon:
         self.clock = clock
         self.wall = wall
         self.call_soon = call_soon or (lambda fn: fn())
-        self.dc = DataChannel(ifc, sock)
+        self.dc = IfOvpnPeers(ifc, sock)
         self.pool = AddressPool(cfg)
         self.records: dict[int, ClientRecord] = {}
         self.started = wall()
