@@ -199,6 +199,8 @@ def phase_result(phase: str, records: Sequence[ClientRecord]) -> PhaseResult:
     if phase == "connect":
         pairs = [(r.started, r.connected) for r in records]
     elif phase == "rekey":
+        # only clients that were connected when the rekey started take part
+        records = [r for r in records if r.rekey_started is not None]
         pairs = [(r.rekey_started, r.rekey_done) for r in records]
     else:
         raise ValidationError(f"phase must be connect or rekey, got {phase!r}")
