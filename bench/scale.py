@@ -308,6 +308,7 @@ class RunResult:
     new_key_data: int = 0
     dropped_after_rekey: int = 0
     peer_ids: int = 0
+    loadavg: tuple[float, ...] = ()
     server_label: str = ""
     any_data_after: int = 0
     server_udp_drops: int = 0
@@ -340,7 +341,7 @@ class RunResult:
                 "clients_with_data_on_new_key": self.new_key_data,
                 "clients_with_any_data_after_rekey": self.any_data_after,
                 "dropped_after_rekey": self.dropped_after_rekey,
-                "distinct_peer_ids": self.peer_ids,
+                "distinct_peer_ids": self.peer_ids, "loadavg_at_start": self.loadavg,
                 "server_udp_rcvbuf_drops_connect": self.server_udp_drops,
                 "client_udp_rcvbuf_drops_connect": self.client_udp_drops,
                 "error": self.error}
@@ -359,8 +360,11 @@ def run_one(kind: str, lab_hosts: tuple[Host, Host], workdir: Path, args: argpar
     server: ServerUnderTest = (StockServer if kind == "stock" else OvpnctlServer)(
         srv_host, workdir, conf)
     res = RunResult(server.name, len(plan.clients))
+    res.loadavg = os.getloadavg()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n== {server.name}: {len(plan.clients)} clients, {args.workers} generator "
-          f"worker(s), start rate {args.rate or 'all at once'}", flush=True)
+          f"worker(s), start rate {args.rate or 'all at once'}; load average {load} on "
+          f"{os.cpu_count()} CPUs", flush=True)
     try:
         server.start()
     except Exception as exc:  # noqa: BLE001 - reported in the table

@@ -192,12 +192,17 @@ class _Signals:
 
     def __init__(self) -> None:
         self._saved: dict[int, Any] = {}
+        self._sigint: Any = None
 
     @staticmethod
     def _raise(signum: int, _frame: Any) -> None:
         raise DemoInterrupted(f"interrupted by {signal.Signals(signum).name}")
 
     def __enter__(self) -> "_Signals":
+        try:
+            self._sigint = signal.getsignal(signal.SIGINT)
+        except ValueError:
+            pass
         for sig in self.SIGNALS:
             try:
                 self._saved[sig] = signal.signal(sig, self._raise)
@@ -215,10 +220,11 @@ class _Signals:
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._saved.items():
             signal.signal(sig, old)
-        try:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        except ValueError:
-            pass
+        if self._sigint is not None:
+            try:
+                signal.signal(signal.SIGINT, self._sigint)
+            except ValueError:
+                pass
 
 
 # --------------------------------------------------------------------------- the demo
@@ -347,15 +353,10 @@ class Demo:
             try:
                 self._run(result, engine)
             except KeyboardInterrupt:
-                sigs.shield()
-                self._cleanup(result)
                 raise DemoInterrupted("interrupted by Ctrl-C") from None
-            except BaseException:
-                sigs.shield()
+            finally:
+                sigs.shield()           # a second Ctrl-C must not cut the cleanup short
                 self._cleanup(result)
-                raise
-            sigs.shield()
-            self._cleanup(result)
         result.seconds = time.monotonic() - started
         return result
 
@@ -371,7 +372,10 @@ class Demo:
             cleanup_stale(LAB_PREFIX)       # leftovers of a demo that was SIGKILLed
         except OvpnError:
             pass
-        self.workdir = Path(tempfile.mkdtemp(prefix="ovpnctl-demo-"))
+        # UNIX socket paths (engine, control) must fit in sun_path (~104 bytes)
+        base = tempfile.gettempdir()
+        self.workdir = Path(tempfile.mkdtemp(prefix="ovpnctl-demo-",
+                                             dir=base if len(base) <= 48 else "/tmp"))
         result.workdir = str(self.workdir)
         self.lab = Lab(LAB_PREFIX)
         srv = self.lab.host("server")

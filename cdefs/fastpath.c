@@ -623,17 +623,20 @@ static int fp_open(struct fp_keydir *d, uint8_t *pkt, size_t len)
 }
 
 /* The kernel's 64-packet window: accept seq above the highest contiguous
- * seq if not seen; a jump beyond the window restarts it at seq. */
+ * seq if not seen; a jump beyond the window restarts it at seq.  The bound
+ * rx_seq + 64 is 32-bit arithmetic, as in the kernel: within 64 of 2**32 it
+ * wraps and every newer seq restarts the window (the Python data plane's
+ * KernelReplayWindow does the same; test_engine_parity.py checks both). */
 static int fp_replay_ok(struct fp_key *k, uint32_t seq)
 {
     if (seq <= k->rx_seq)
         return 0;
-    uint64_t ahead = (uint64_t)seq - k->rx_seq;     /* >= 1 */
-    if (ahead > 64) {
+    if (seq > (uint32_t)(k->rx_seq + 64)) {
         k->rx_seq = seq;
         k->rx_window = 0;
         return 1;
     }
+    uint64_t ahead = (uint64_t)seq - k->rx_seq;     /* 1..64 */
     uint64_t bit = (uint64_t)1 << (ahead - 1);
     if (k->rx_window & bit)
         return 0;

@@ -8,10 +8,11 @@ packets of every opcode wrapped with every wrapping (same fixed keys as
 ``targets.py``), WKcs, key files, KM2 messages with stock-like peer-info,
 PUSH_REPLYs and other control messages, data packets of every cipher,
 configs, engine command sequences built from the OpenVPN nvlist vectors,
-and server handshakes.  Each seed is named by its SHA-1, so re-running is
-idempotent and never duplicates an input the fuzzer already found.
+and server handshakes.  Each seed is named by its SHA-1, so a seed never
+duplicates an input the fuzzer already found; targets that already have a
+corpus are left alone unless ``--all`` is given.
 
-Usage: ``python3 fuzz/make_corpus.py [--vectors DIR]``
+Usage: ``python3 fuzz/make_corpus.py [--vectors DIR] [--all]``
 """
 from __future__ import annotations
 
@@ -46,10 +47,19 @@ SID = bytes.fromhex("1122334455667788")
 SID2 = bytes.fromhex("99aabbccddeeff01")
 
 
+#: Targets whose corpus already existed: not re-seeded (TLS seeds carry fresh
+#: randoms, so seeding twice would add near-duplicates) unless --all is given.
+_SKIP: set[str] = set()
+
+
 def _put(target: str, data: bytes) -> None:
+    if target in _SKIP:
+        return
     d = HERE / "corpus" / target
     d.mkdir(parents=True, exist_ok=True)
-    (d / hashlib.sha1(data).hexdigest()).write_bytes(data)
+    path = d / hashlib.sha1(data).hexdigest()
+    if not path.exists():
+        path.write_bytes(data)
 
 
 def client_hello() -> bytes:
@@ -307,13 +317,53 @@ def seed_server() -> None:
         _put("server_endpoint", bytes([ki]) + _step(0, _chunk(sender.wrap(reset, T.NOW))))
 
 
+def seed_client() -> None:
+    """Server reset (with and without the early-negotiation TLV), then TLS bytes."""
+    srv_hello = server_flight()
+    for ki in range(4):
+        for tlv in (b"", encode_tlvs([(1, b"\x00\x01")])):
+            _put("client_session", bytes([ki]) + _step(2, _chunk(tlv)) +
+                 _step(3, _chunk(srv_hello[:1000])) + _step(3, _chunk(srv_hello[1000:2000])) +
+                 _step(4, _chunk(b"")) + b"\x05")
+        _put("client_session", bytes([ki]) + _step(0, _chunk(b"\x40" + SID2 + b"\x00" * 5)))
+        _put("client_session", bytes([ki]) + _step(1, _chunk(
+            ControlPacket(Opcode.P_ACK_V1, 0, SID2, (0,), SID).encode())))
+
+
+def server_flight() -> bytes:
+    """A real TLS server's first flight answering a real ClientHello."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls = T._server_tls()
+    import tempfile
+    with tempfile.NamedTemporaryFile("wb", suffix=".pem") as cf, \
+            tempfile.NamedTemporaryFile("wb", suffix=".pem") as kf:
+        cf.write(tls.cert if isinstance(tls.cert, bytes) else tls.cert.encode())
+        kf.write(tls.key if isinstance(tls.key, bytes) else tls.key.encode())
+        cf.flush()
+        kf.flush()
+        ctx.load_cert_chain(cf.name, kf.name)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_side=True)
+    inc.write(client_hello())
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_vec = HERE.parent.parent / "shared" / "vectors" / "nvlist"
     if not default_vec.is_dir():
         default_vec = Path("/work/shared/vectors/nvlist")
     ap.add_argument("--vectors", type=Path, default=default_vec)
+    ap.add_argument("--all", action="store_true",
+                    help="also seed targets whose corpus directory already has files")
     a = ap.parse_args()
+    if not a.all:
+        _SKIP.update(t for t in T.TARGETS if (HERE / "corpus" / t).is_dir()
+                     and any((HERE / "corpus" / t).iterdir()))
     for p in sorted(a.vectors.rglob("*.bin")):
         _put("nv_unpack", p.read_bytes())
     seed_control()
@@ -325,6 +375,7 @@ def main() -> None:
     seed_config()
     seed_engine(a.vectors)
     seed_server()
+    seed_client()
     for t in T.TARGETS:
         d = HERE / "corpus" / t
         n = len(os.listdir(d)) if d.is_dir() else 0

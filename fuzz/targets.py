@@ -319,8 +319,11 @@ def keymethod(data: bytes) -> None:
         pi = PeerInfo.parse(peer_info)
     except KeyMethodError:
         return
-    if peer_info is None or "\x00" not in peer_info:
-        _check(PeerInfo.parse(pi.build()) == pi, "PeerInfo parse(build(p)) differs")
+    built = pi.build() if peer_info is None or "\x00" not in peer_info else None
+    # A value ending in CR cannot survive build() (parse strips a line's trailing
+    # CRs): reported to H4, see test_fuzz_targets.py::test_peer_info_trailing_cr_*.
+    if built is not None and "\r\n" not in built:
+        _check(PeerInfo.parse(built) == pi, "PeerInfo parse(build(p)) differs")
     for ciphers in (("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305"), ("AES-128-GCM",)):
         try:
             got = choose_cipher(ciphers, pi, None, remote_cipher=remote_cipher)
@@ -920,6 +923,92 @@ def server_endpoint(data: bytes) -> None:
         ep.get_timer()
 
 
+# ============================================================================ client session
+
+def _client_tls() -> Any:
+    if "client_tls" not in _SERVER_CTX:
+        from bsd_ovpn.proto.tls import TLSConfig
+        from bsd_ovpn.testbed.pki import PKI
+        pki = PKI(tempfile.mkdtemp(prefix="bsd_ovpn_fuzz_pki_"))
+        cli = pki.client()
+        _SERVER_CTX["client_tls"] = TLSConfig(ca=pki.ca_pem, cert=cli.cert_pem, key=cli.key_pem,
+                                              remote_cert_tls="server")
+    return _SERVER_CTX["client_tls"]
+
+
+def client_session(data: bytes) -> None:
+    """A client Session.receive_datagram fed by a hostile server: never raises.
+
+    First byte: the wrapping.  Steps (opcode byte + chunk): raw datagram;
+    a plain packet sealed with the server-side wrapping; a server reset
+    that acknowledges the client's reset (chunk = its payload, e.g. the
+    early-negotiation TLVs), after which the client starts TLS; a
+    P_CONTROL_V1 acking the client's newest packet with the chunk as TLS
+    bytes; time advance + timers.  Properties: receive_datagram returns a
+    bool; timers, datagrams_to_send and events never raise.
+    """
+    from bsd_ovpn.proto.packet import ControlPacket, Opcode, PacketError
+    from bsd_ovpn.proto.session import Session, SessionSettings
+    from bsd_ovpn.proto.wrap import WrapError
+    c = _Cursor(data)
+    kind = _WRAP_KINDS[c.u8() % 4]
+    client_wrap, _ = _wrap_pair(kind, 0)
+    # the server side of the same keys: tls-auth direction 0, tls-crypt server, v2 with Kc
+    if kind == "tls-crypt-v2":
+        from bsd_ovpn.proto.keyfile import StaticKey
+        from bsd_ovpn.proto.wrap import TLSCryptV2ServerSession
+        server_wrap: Any = TLSCryptV2ServerSession(StaticKey(_V2_KC_BYTES), client_wrap.wkc,
+                                                  _V2_METADATA)
+    else:
+        server_wrap = _wrap_pair(kind, 0)[1]
+    settings = SessionSettings(server=False, tls=_client_tls(), hand_window=60)
+    now = NOW
+    s = Session.connect(settings, client_wrap, now)
+    server_sid = bytes.fromhex("5e5e5e5e5e5e5e5e")
+    sent: list[ControlPacket] = []
+    next_mid = 0
+    steps = 0
+    while c.left and steps < 16:
+        steps += 1
+        op = c.u8()
+        step = op % 5
+        chunk = c.chunk()
+        for out in s.datagrams_to_send(now):
+            try:
+                sent.append(ControlPacket.decode(server_wrap.unwrap_stateless(out, now)))
+            except (WrapError, PacketError):
+                pass
+        if step == 0:
+            wire = chunk
+        elif step == 1:
+            if len(chunk) < 10:
+                continue
+            wire = server_wrap.wrap(chunk, now)
+        elif step in (2, 3):
+            if not sent:
+                continue
+            last = sent[-1]
+            acks = (last.message_id,) if last.message_id is not None else ()
+            opcode = Opcode.P_CONTROL_HARD_RESET_SERVER_V2 if step == 2 else \
+                Opcode.P_CONTROL_V1
+            if step == 2:
+                next_mid = 0
+            pkt = ControlPacket(opcode, 0, server_sid, acks, last.session_id if acks else None,
+                                next_mid, chunk)
+            next_mid += 1
+            wire = server_wrap.wrap(pkt.encode(), now)
+        else:
+            now += c.u8()
+            s.handle_timer(now)
+            wire = b""
+        if wire:
+            ok = s.receive_datagram(wire, now)
+            _check(isinstance(ok, bool), f"receive_datagram returned {ok!r}")
+        while s.next_event() is not None:
+            pass
+        s.get_timer()
+
+
 # ============================================================================ registry
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -936,6 +1025,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "config": config,
     "engine_commands": engine_commands,
     "server_endpoint": server_endpoint,
+    "client_session": client_session,
 }
 
 

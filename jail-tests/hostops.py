@@ -68,3 +68,20 @@ def del_route(host: Host, dst: str, via: str) -> None:
         host.run(["route", "delete", "-6" if v == 6 else "-4", dst, via])
     else:
         host.run(["ip", f"-{v}", "route", "del", dst, "via", via])
+
+
+def undo_route_via_tunnel(host: Host) -> None:
+    """Remove what :func:`route_via_tunnel_from` installed (best effort, for cleanup)."""
+    if FREEBSD:
+        host.run(["pfctl", "-F", "rules"], check=False)
+    else:
+        host.run(["ip", "rule", "del", "priority", "100"], check=False)
+        host.run(["ip", "route", "flush", "table", "4242"], check=False)
+
+
+def del_host_route(host: Host, dst: str) -> None:
+    """Remove a host route added with ``Host.add_route(dst + "/32", dev=...)`` (best effort)."""
+    if FREEBSD:
+        host.run(["route", "delete", dst], check=False)
+    else:
+        host.run(["ip", "route", "del", f"{dst}/32"], check=False)

@@ -26,7 +26,7 @@ from bsd_ovpn.testbed.daemons import OvpnctlDaemon, OvpnctlFactory
 from bsd_ovpn.testbed.fixtures import StockFactory
 from bsd_ovpn.testbed.hosts import Host
 from bsd_ovpn.testbed.pki import PKI
-from bsd_ovpn.testbed.stockovpn import OvpnConfig, StockOpenVPN, WrapKeys
+from bsd_ovpn.testbed.stockovpn import OvpnConfig, WrapKeys
 
 OURS, STOCK = "ours", "stock"
 Peer = Any  # OvpnctlDaemon | StockOpenVPN: both have wait_ready/wait_for/mark/stop/log_tail

@@ -7,3 +7,4 @@ from bsd_ovpn.cli import probe  # noqa: F401
 from bsd_ovpn.cli import lowlevel  # noqa: F401
 from bsd_ovpn.cli import daemon  # noqa: F401
 from bsd_ovpn.cli import demo  # noqa: F401
+from bsd_ovpn.cli import service  # noqa: F401

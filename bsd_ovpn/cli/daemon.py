@@ -35,6 +35,8 @@ def _logging(config_path: str, verbose: bool) -> None:
     handler: logging.Handler = (logging.FileHandler(logfile, mode="a" if append else "w")
                                 if logfile else logging.StreamHandler(sys.stderr))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    from bsd_ovpn import logutil
+    logutil.harden(handler)          # no auth-token/passwords in logs; junk floods rate-limited
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

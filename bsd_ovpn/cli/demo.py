@@ -42,3 +42,5 @@ def demo_cmd(engine: str, timeout: float, verbose: bool) -> None:
         sys.exit(130)
     click.echo(f"demo passed in {result.seconds:.1f} s: the tunnel carried "
                f"{result.ping_received}/{result.ping_sent} pings and status showed the client.")
+    click.echo("next: `ovpnctl demo -v` shows the two configs it used; README.rst walks "
+               "through a real server and client.")

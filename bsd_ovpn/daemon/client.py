@@ -27,7 +27,6 @@ from bsd_ovpn.errors import ConfigError, LocalProtocolError, OvpnError
 from bsd_ovpn.ifovpn import DelReason
 from bsd_ovpn.interface import Interface, PeerDeleted, RotateKey
 from bsd_ovpn.proto import events as ev
-from bsd_ovpn.proto.packet import Opcode, peek
 from bsd_ovpn.proto.push import PushReply
 from bsd_ovpn.proto.session import Session, SessionSettings
 from bsd_ovpn.settings import client_settings_from
@@ -169,11 +168,9 @@ class ClientDaemon:
         if s is None or self.remote is None or (addr[0], addr[1]) != (self.remote[0],
                                                                      self.remote[1]):
             return                          # not from our server: ignore, as OpenVPN does
-        if data and peek(data)[0] in (Opcode.P_DATA_V1, Opcode.P_DATA_V2):
-            return                          # data before NEW_PEER (server keepalive): kernel's
+        # P_DATA before NEW_PEER (a server keepalive) is refused and counted by the
+        # session itself; an acked EXIT makes get_timer() due now, so wake() ends it.
         s.receive_datagram(data, now)
-        if self.stopping or self._restart_reason:
-            s.handle_timer(now)               # our EXIT may be acked: end without lingering
         self.pump(now)
 
     def deadline(self) -> float | None:

@@ -49,6 +49,23 @@ class NetConfig:
             raise NetConfigError(f"{' '.join(argv)}: {msg}")
         return True
 
+    # ------------------------------------------------------------------ host state
+    def ip_forwarding(self) -> bool | None:
+        """Whether the host forwards IPv4 (None: cannot tell).
+
+        if_ovpn hands every decrypted packet to the host's IP stack, so this
+        -- not the daemon -- decides whether clients reach one another.
+        """
+        try:
+            if self.platform == "linux":
+                with open("/proc/sys/net/ipv4/ip_forward") as f:
+                    return f.read().strip() != "0"
+            res = subprocess.run(["sysctl", "-n", "net.inet.ip.forwarding"],
+                                 capture_output=True, text=True, timeout=5)
+            return res.stdout.strip() != "0" if res.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
     # ------------------------------------------------------------------ interface
     def set_mtu(self, ifname: str, mtu: int) -> None:
         if self.platform == "linux":
@@ -129,6 +146,10 @@ class RecordingNetConfig:
     """Remembers what would be configured, in order (unit tests, dry runs)."""
 
     calls: list[tuple] = field(default_factory=list)
+    forwarding: bool | None = None
+
+    def ip_forwarding(self) -> bool | None:
+        return self.forwarding
 
     def set_mtu(self, ifname: str, mtu: int) -> None:
         self.calls.append(("mtu", ifname, mtu))

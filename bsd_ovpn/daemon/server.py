@@ -35,7 +35,7 @@ from bsd_ovpn.interface import Float, Interface, PeerDeleted, RotateKey
 from bsd_ovpn.proto import events as ev
 from bsd_ovpn.proto.keymethod import IVProto
 from bsd_ovpn.proto.server import ClientEvent, ServerEndpoint, ServerSettings
-from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.proto.session import RESTART_LINGER, Session, SessionSettings
 from bsd_ovpn.settings import tls_config_from
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
 from bsd_ovpn.daemon.loop import IfOvpnPeers, DaemonError, log
@@ -43,7 +43,9 @@ from bsd_ovpn.daemon.netcfg import NetConfig
 
 #: kernel routes for iroutes get this metric, as OpenVPN's DCO code installs them
 IROUTE_METRIC = 100
-SHUTDOWN_LINGER = 2.0
+#: SIGTERM: how long the loop waits for the RESTARTs to be acked (each session gives
+#: up after RESTART_LINGER by itself; a little slack so the loop sees that happen)
+SHUTDOWN_LINGER = RESTART_LINGER + 0.5
 AUTH_SCRIPT_TIMEOUT = 30.0
 
 Addr = Any
@@ -169,9 +171,29 @@ class ServerDaemon:
                                     ipaddress.IPv4Interface(f"{local}/{mask}"))
         if c.ifconfig_ipv6 is not None:
             self.netcfg.add_address(self.ifc.name, ipaddress.IPv6Interface(c.ifconfig_ipv6[0]))
-        if not c.client_to_client:
-            log.info("note: with if_ovpn, traffic between clients is forwarded by this host's "
-                     "IP stack; without client-to-client, block it in the firewall if needed")
+        self._note_client_to_client()
+
+    def _note_client_to_client(self) -> None:
+        """Say what decides client<->client traffic; ovpnctl never forwards it itself.
+
+        if_ovpn (like OpenVPN's DCO) hands every decrypted packet to the host's
+        IP stack, which routes it back out of the interface to the other
+        client.  So ``client-to-client`` is accepted for compatibility and the
+        host's forwarding setting and firewall decide, with or without it.
+        """
+        fwd = getattr(self.netcfg, "ip_forwarding", lambda: None)()
+        name = self.ifc.name
+        if self.cfg.client_to_client:
+            if fwd is False:
+                log.warning("client-to-client: IP forwarding is off on this host, so clients "
+                            "cannot reach each other through %s (if_ovpn hands packets to the "
+                            "host's IP stack); enable net.ipv4.ip_forward / "
+                            "net.inet.ip.forwarding", name)
+        elif fwd is not False:
+            log.warning("no client-to-client, but with if_ovpn this host's IP stack forwards "
+                        "traffic between clients (IP forwarding is %s); block traffic that "
+                        "comes in on %s and goes out on %s in the firewall if clients must "
+                        "not reach each other", "on" if fwd else "unknown", name, name)
 
     def _server_settings(self, cfg: configmod.Config) -> ServerSettings:
         session = SessionSettings(
@@ -190,9 +212,7 @@ class ServerDaemon:
         if self.stopping and self.endpoint.session_for(addr) is None:
             return                            # shutting down: no new clients
         self.endpoint.receive_datagram(data, addr, now)
-        s = self.endpoint.session_for(addr)
-        if s is not None and self.stopping:
-            s.handle_timer(now)               # our EXIT may be acked: end without lingering
+        # an acked RESTART/EXIT makes the session's get_timer() due now: wake() ends it
         self.pump(now)
 
     def deadline(self) -> float | None:
@@ -324,10 +344,14 @@ class ServerDaemon:
                 self.dc.forget(n.peer_id)
                 log.info("peer %d %s: keepalive timeout (ping-restart), dropping it",
                          n.peer_id, rec.common_name)
+                # the client is gone (or cut off): nobody to say goodbye to
                 s = rec.session
                 if s is not None and s.terminated is None:
-                    s.close(now, linger=0.0)
-                    self.endpoint.handle_timer(now)
+                    try:
+                        self.endpoint.drop_client(n.peer_id, "ping-restart",
+                                                  "keepalive timeout (DEL_PEER TIMEOUT)")
+                    except LocalProtocolError:
+                        s.abort("ping-restart", "keepalive timeout (DEL_PEER TIMEOUT)")
             elif isinstance(n, RotateKey):
                 s = rec.session if rec is not None else None
                 if s is not None and s.terminated is None:

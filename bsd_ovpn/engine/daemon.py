@@ -48,19 +48,37 @@ SOCK_BUF = 8 << 20               # replies to GET_PEER_STATS can be large
 ROUTE_REFRESH = 1.0
 
 
+DATAPLANE_KINDS = ("auto", "python", "fast")
+
+
 def dataplane_factory(kind: str = "auto") -> Callable[[], DataPlane]:
-    """``"python"``, ``"fast"`` (H7's C data plane) or ``"auto"``: fast when it loads."""
-    if kind == "python":
-        return PythonDataPlane
-    try:
-        from bsd_ovpn.engine.fastpath import FastDataPlane
-        FastDataPlane().close()                 # the native module is there and works
-    except Exception as exc:
-        if kind == "fast":
-            raise RuntimeError(f"the C data plane is not available: {exc}") from exc
-        log.info("engine: C data plane unavailable (%s); using the Python one", exc)
-        return PythonDataPlane
-    return FastDataPlane
+    """``"python"``, ``"fast"`` (H7's C data plane) or ``"auto"``: fast when it loads.
+
+    Logs one INFO line naming the choice, ``data plane: fast (--dataplane
+    auto)``, so an operator (and a test reading the engine's log) can see
+    what "auto" picked; :func:`dataplane_name` gives the same name in code.
+    """
+    if kind not in DATAPLANE_KINDS:
+        raise ValueError(f"unknown data plane {kind!r} (expected one of "
+                         f"{', '.join(DATAPLANE_KINDS)})")
+    factory: Callable[[], DataPlane] = PythonDataPlane
+    if kind != "python":
+        try:
+            from bsd_ovpn.engine.fastpath import FastDataPlane
+            FastDataPlane().close()             # the native module is there and works
+        except Exception as exc:
+            if kind == "fast":
+                raise RuntimeError(f"the C data plane is not available: {exc}") from exc
+            log.info("C data plane unavailable (%s); using the Python one", exc)
+        else:
+            factory = FastDataPlane
+    log.info("data plane: %s (--dataplane %s)", dataplane_name(factory), kind)
+    return factory
+
+
+def dataplane_name(factory: Callable[[], DataPlane]) -> str:
+    """"fast" for the C data plane, "python" for :class:`PythonDataPlane`."""
+    return "python" if factory is PythonDataPlane else "fast"
 
 
 class LinuxHost:
@@ -168,7 +186,14 @@ class EngineDaemon:
     def __init__(self, socket_path: str, *, group: str | None = None,
                  engine: Engine | None = None, dataplane: str = "auto") -> None:
         self.path = socket_path
-        self.engine = engine or Engine(LinuxHost(dataplane_factory(dataplane)))
+        #: "python" or "fast": the data plane new interfaces get (None with an
+        #: injected ``engine``, whose host decides).
+        self.dataplane: str | None = None
+        if engine is None:
+            factory = dataplane_factory(dataplane)
+            self.dataplane = dataplane_name(factory)
+            engine = Engine(LinuxHost(factory))
+        self.engine = engine
         self.sel = selectors.DefaultSelector()
         self._stop = False
         gid = grp.getgrnam(group).gr_gid if group else None

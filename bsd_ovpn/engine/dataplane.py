@@ -24,7 +24,8 @@ The contract
   no peer by routing (1 peer -> it; exact vpn address; else the gateway of the
   longest route pushed by ``set_routes``) -> lost_data out; no primary key ->
   silently dropped (the kernel's ENOLINK); sequence == ``rotate_threshold`` ->
-  ROTATE_KEY event (the packet still goes); sequence past 2**32-1 -> refused,
+  ROTATE_KEY event (the packet still goes; checked first, as the kernel does,
+  and every time that sequence number is used); sequence past 2**32-1 -> refused,
   nomem_data out (for good: the kernel resets the counter to 2**32-1 and so
   reuses a nonce, which the engine does not reproduce); then the peer's
   packets/bytes out (plaintext length), encryption, send, data/tunnel out.
@@ -32,7 +33,8 @@ The contract
   then slot 1 (the kernel's lookup: an empty slot 0 whose key id matches
   shadows slot 1); no such key or no decrypt key -> lost_data in; AEAD
   failure -> lost_data in; replay check (on by default in the engine, off by
-  default in the kernel: the sysctl; 64 packets) -> lost_data in; ``last_active`` = now;
+  default in the kernel: the sysctl; the kernel's 64-packet window, see
+  :class:`KernelReplayWindow`) -> lost_data in; ``last_active`` = now;
   a new source address -> a pending FLOAT event; data/tunnel in and the
   peer's packets/bytes in (decrypted length); empty plaintext -> nomem_data
   in; a first nibble other than 4/6 (pings, OCC) -> lost_data in; else the
@@ -170,7 +172,8 @@ def _dest_for(a: Addr, family: int) -> SockAddr:
 # ---------------------------------------------------------------------------
 
 class _NoReplay:
-    """Stands in for the replay window while replay protection is switched off."""
+    """Switches the protocol codec's own (OpenVPN) replay window off: the data
+    plane checks sequence numbers with :class:`KernelReplayWindow` instead."""
 
     @staticmethod
     def check_and_accept(packet_id: int, now: float, timestamp: int = 0) -> None:
@@ -178,6 +181,52 @@ class _NoReplay:
 
 
 _NO_REPLAY = _NoReplay()
+
+
+class KernelReplayWindow:
+    """The receive replay check of if_ovpn (``ovpn_check_replay``), one per decrypt key.
+
+    Why not the protocol library's :class:`~bsd_ovpn.proto.datachannel.ReplayWindow`:
+    the engine stands in for the kernel, so both data planes must accept and
+    refuse exactly the packets the kernel would (H7's C data plane runs the
+    same algorithm; tests/unit/test_engine_parity.py holds them to the same
+    sequences).  OpenVPN's sliding window differs after a large jump.
+
+    State: ``rx_seq``, the highest sequence number below which everything
+    counts as seen (0 at first, so 0 is never accepted), and ``rx_window``, a
+    64-bit map whose bit ``d`` says "rx_seq + 1 + d was seen".  A sequence
+    number is refused if it is not above ``rx_seq`` or its bit is set.  One
+    more than 64 ahead is accepted and restarts the window there (``rx_seq``
+    jumps to it, the map is cleared), so every older straggler is refused
+    from then on.  The bound ``rx_seq + 64`` is computed in 32 bits, as the
+    kernel's ``uint32_t`` does: within 64 of 2**32 it wraps, and every newer
+    number restarts the window.  After each accept the window slides over
+    the contiguous run of seen numbers.
+    """
+
+    __slots__ = ("rx_seq", "rx_window")
+
+    def __init__(self) -> None:
+        self.rx_seq = 0
+        self.rx_window = 0
+
+    def check_and_accept(self, seq: int) -> bool:
+        """True (and record ``seq``) if it is new; False for a replay or a straggler."""
+        if seq <= self.rx_seq:
+            return False
+        if seq > (self.rx_seq + REPLAY_WINDOW) & SEQ_MAX:
+            self.rx_seq = seq
+            self.rx_window = 0
+            return True
+        bit = 1 << (seq - self.rx_seq - 1)
+        if self.rx_window & bit:
+            return False
+        window = self.rx_window | bit
+        while window & 1:
+            self.rx_seq += 1
+            window >>= 1
+        self.rx_window = window
+        return True
 
 
 def _aead_name(cipher: str, key: bytes) -> str:
@@ -190,31 +239,24 @@ def _aead_name(cipher: str, key: bytes) -> str:
 class KeyDir:
     """One direction of an installed key, on top of the protocol library's codec.
 
-    Replay window: the protocol library's (OpenVPN's sliding 64-packet window
-    below the highest id seen, no time backtrack).  The kernel's differs in
-    one corner: after a jump of more than 64 it restarts the window there and
-    refuses every older straggler, where this window still takes unseen ids
-    up to 64 below the new top.  Duplicates and reordering within 64 packets
-    behave the same (H7's C data plane uses the kernel's exact algorithm).
-
     The kernel keeps a cipher per direction, so each direction is its own
     :class:`~bsd_ovpn.proto.datachannel.DataChannel` (built with that
-    direction's key on both sides and used one way only): the AEAD layout and
-    the replay window are the protocol library's, not a second copy.
+    direction's key on both sides and used one way only): the AEAD layout is
+    the protocol library's, not a second copy.  The codec's own replay window
+    (OpenVPN's) is switched off; receive keys use :class:`KernelReplayWindow`.
     """
 
-    __slots__ = ("cipher", "channel", "window", "rotated")
+    __slots__ = ("cipher", "channel", "window")
 
     def __init__(self, cipher: str, key: bytes, iv: bytes, key_id: int, peer_id: int) -> None:
         name = _aead_name(cipher, key)
         keys = DataKeys(cipher=name, key_id=key_id, encrypt_key=key, encrypt_iv=iv,
                         decrypt_key=key, decrypt_iv=iv)
         self.cipher = cipher
-        # The kernel's window has no time backtrack: replay_time=0.
         self.channel = DataChannel(keys, peer_id=peer_id, replay_window=REPLAY_WINDOW,
                                    replay_time=0)
-        self.window = self.channel.replay
-        self.rotated = False
+        self.channel.replay = _NO_REPLAY
+        self.window = KernelReplayWindow()
 
     @property
     def tx_seq(self) -> int:
@@ -225,12 +267,18 @@ class KeyDir:
         return self.channel.encrypt(plaintext)
 
     def open(self, payload: bytes, now: float, replay: bool) -> bytes | None:
-        """Authenticated (and, if ``replay``, replay-checked) plaintext, or None."""
-        self.channel.replay = self.window if replay else _NO_REPLAY
+        """Authenticated (and, if ``replay``, replay-checked) plaintext, or None.
+
+        As in the kernel, the replay check comes after authentication: a
+        forged packet never moves the window."""
         try:
-            return self.channel.decrypt(payload, now)
+            plaintext = self.channel.decrypt(payload, now)
         except DataChannelError:
             return None
+        if replay and not self.window.check_and_accept(
+                int.from_bytes(payload[4:HEADER_SIZE], "big")):
+            return None
+        return plaintext
 
 
 class KeySlot:
@@ -457,12 +505,11 @@ class PythonDataPlane:
         if enc is None:
             return None                                  # ENOLINK, not counted
         seq = enc.tx_seq
+        if seq == self.rotate_threshold:                 # the kernel checks this first
+            self._events.append(("rotate_key", peer.peer_id))
         if seq > SEQ_MAX:
             self._counters.nomem_data_out += 1
             return None
-        if seq == self.rotate_threshold and not enc.rotated:
-            enc.rotated = True
-            self._events.append(("rotate_key", peer.peer_id))
         peer.counters.pkt_out += 1
         peer.counters.bytes_out += len(plaintext)
         if not self._running:
@@ -508,7 +555,7 @@ class PythonDataPlane:
                 return None
             dec = ks.decrypt
             replay = self.replay_protection
-        plaintext = dec.open(payload, now, replay)   # AEAD and replay window (codec's own)
+        plaintext = dec.open(payload, now, replay)   # AEAD, then the kernel's replay window
         with self._lock:
             if plaintext is None:
                 c.lost_data_in += 1

@@ -8,14 +8,15 @@ with recvmmsg/sendmmsg batching, in-place AEAD through libcrypto and no
 per-packet allocation.  Python only installs peers, keys and routes, reads
 counters and drains events.
 
-Differences from the Python data plane, both on purpose:
+Both data planes run the kernel's replay window (``ovpn_check_replay``; the
+Python one as :class:`~bsd_ovpn.engine.dataplane.KernelReplayWindow`), refuse
+sequence numbers past 2**32-1 for good and fire ROTATE_KEY at the same
+threshold; tests/unit/test_engine_parity.py runs the same script on both.
 
-* the replay window is the kernel's (``ovpn_check_replay``): a sequence number
-  more than 64 ahead restarts the window there, so older stragglers are then
-  refused; the Python data plane uses OpenVPN's sliding window;
-* the C threads hold dup()s of the fds given to :meth:`attach`, which are
-  closed by :meth:`detach`; the UDP socket is put in blocking mode (sends wait
-  for buffer space instead of dropping) and the tun in non-blocking mode.
+Differences from the Python data plane, on purpose: the C threads hold dup()s
+of the fds given to :meth:`attach`, which are closed by :meth:`detach`; the
+UDP socket is put in blocking mode (sends wait for buffer space instead of
+dropping) and the tun in non-blocking mode.
 """
 from __future__ import annotations
 

@@ -157,15 +157,19 @@ class ServerEndpoint:
         return self._events.popleft() if self._events else None
 
     def disconnect(self, peer_id: int, now: float, *, restart: bool = False) -> None:
-        """Say goodbye to one client (RESTART or EXIT if negotiated) and end its session."""
+        """Say goodbye to one client and end its session.
+
+        ``restart``: RESTART only, ended once acked or after RESTART_LINGER
+        (``ovpnctl kill``, shutdown); otherwise EXIT if the client negotiated
+        cc-exit (ended once acked or after EXIT_LINGER), else at once.
+        """
         c = self._by_peer_id.get(peer_id)
         if c is None:
             raise LocalProtocolError(f"no client with peer_id {peer_id}")
-        s = c.session
-        if restart and s.primary is not None and s.primary.tls is not None \
-                and s.primary.tls.handshake_complete:
-            s.send_control_message("RESTART")
-        s.close(now)
+        if restart:
+            c.session.restart(now)
+        else:
+            c.session.close(now)
         self._collect(c)
 
     def drop_client(self, peer_id: int, reason: str = "dropped",

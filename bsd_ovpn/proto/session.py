@@ -57,6 +57,8 @@ PUSH_REQUEST_INTERVAL = 5.0
 PUSH_REPLY_MAX = 1024          # PUSH_BUNDLE_SIZE: stock servers split longer replies
 AUTH_FAILED_LINGER = 2.0       # server keeps the session to deliver AUTH_FAILED
 EXIT_LINGER = 5.0              # wait for ACKs of our EXIT before giving up
+RESTART_LINGER = 2.5           # server: wait this long for the ACK of RESTART (one resend)
+_DATA_OPCODES = (Opcode.P_DATA_V1, Opcode.P_DATA_V2)
 DYN_TLS_CRYPT_LABEL = b"EXPORTER-OpenVPN-dynamic-tls-crypt"
 _MAX_PLAIN_BUFFER = 16384      # unparsed TLS plaintext we are willing to hold
 
@@ -175,6 +177,7 @@ class Session:
         self.terminated: ev.ConnectionTerminated | None = None
         self._closing: tuple[float, str, str] | None = None   # deadline, reason, message
         self.dropped = 0                 # packets dropped as RemoteProtocolError
+        self.data_ignored = 0            # P_DATA_V1/V2 handed to us: data channel business
         self.last_error: str | None = None
         # negotiated parameters
         self.cipher: str | None = None
@@ -266,6 +269,12 @@ class Session:
     def receive_datagram(self, data: bytes, now: float) -> bool:
         """Unwrap, parse and process one control datagram; False if it was dropped."""
         if self.terminated is not None:
+            return False
+        if data and (data[0] >> 3) in _DATA_OPCODES:
+            # The kernel/engine owns data packets; one may still reach the control
+            # socket (e.g. the peer's keepalive before NEW_PEER).  Not an error, so
+            # counted apart from ``dropped`` and never logged (a flood would be).
+            self.data_ignored += 1
             return False
         try:
             plain = self._wrap_for(data[0] & 0x07 if data else 0).unwrap(data, now)
@@ -409,6 +418,31 @@ class Session:
             self._closing = (now + linger, "closed", "session closed locally (EXIT sent)")
         else:
             self._terminate("closed", "session closed locally")
+
+    def restart(self, now: float, *, linger: float = RESTART_LINGER,
+                message: str = "RESTART") -> None:
+        """Server: tell the client to reconnect and end once that is acked (or after ``linger``).
+
+        No EXIT follows: a client that got RESTART tears its session down at
+        once (stock OpenVPN never acks anything after it), so waiting for more
+        would only keep a dead session -- and its if_ovpn peer -- around.
+        Like OpenVPN, the instance is forgotten after a short delay at most.
+        Without a finished TLS handshake there is nobody to tell: ends now.
+        """
+        if self.terminated is not None:
+            return
+        p = self.primary
+        if p is None or p.tls is None or not p.tls.handshake_complete:
+            self._terminate("closed", "session closed locally")
+            return
+        if self._closing is not None:     # already saying goodbye: just do not wait longer
+            deadline, reason, text = self._closing
+            self._closing = (min(deadline, now + linger), reason, text)
+            return
+        if not message.startswith("RESTART"):
+            raise LocalProtocolError(f"restart() sends RESTART[,...], not {message!r}")
+        self._send_control_message(p, message)
+        self._closing = (now + linger, "restart", f"session closed locally ({message} sent)")
 
     def abort(self, reason: str, message: str) -> None:
         """End the session now without telling the peer (e.g. if_ovpn expired it).

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bsd_ovpn.testbed.fixtures import TwoHosts
-from bsd_ovpn.testbed.hosts import Host
+from bsd_ovpn.testbed.hosts import Host, PingResult, parse_ping
 from bsd_ovpn.testbed.stockovpn import OvpnConfig, WrapKeys
 from bsd_ovpn.testbed.pki import PKI
 
@@ -205,8 +205,9 @@ def test_stock_client_to_ovpnctl_server(two_hosts: TwoHosts, pki: PKI, wrap_keys
     assert engine_interfaces(eng) == []
 
 
+@pytest.mark.iperf3
 def test_ovpnctl_client_to_stock_server(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys,
-                                        stock_openvpn, daemons: Daemons,
+                                        stock_openvpn, daemons: Daemons, iperf,
                                         tmp_path: Path) -> None:
     two = two_hosts
     before = ifaces_without_lo(two.client)
@@ -223,6 +224,16 @@ def test_ovpnctl_client_to_stock_server(two_hosts: TwoHosts, pki: PKI, wrap_keys
     [peer] = st["clients"]
     assert peer["real_address"] == f"{two.server_ip}:1194"
     assert peer["vpn_ipv4"] == FIRST_CLIENT_VPN and peer["packets_in"] >= 3
+    # bulk data both ways through our client's data channel
+    up = iperf.run(two.server, two.client, SERVER_VPN, seconds=2)
+    down = iperf.run(two.server, two.client, SERVER_VPN, seconds=2, reverse=True)
+    assert up.received_bps > 1e6 and down.received_bps > 1e6
+    [peer] = status(daemons, "cli", two.client)["clients"]
+    # GET_PEER_STATS saw (at least most of) what iperf3 carried
+    assert peer["bytes_out"] >= 0.8 * up.received_bytes
+    assert peer["bytes_in"] >= 0.8 * down.received_bytes
+    print(f"iperf3 through ovpnctl client: up {up.received_bps / 1e6:.1f} Mbit/s, "
+          f"down {down.received_bps / 1e6:.1f} Mbit/s")
     assert daemons.stop(cli) == 0
     assert ifaces_without_lo(two.client) == before
 
@@ -405,4 +416,136 @@ def test_iroute_routes_a_network_behind_a_client(two_hosts: TwoHosts, pki: PKI,
     assert json.loads(res.stdout) == {"killed": [c["peer_id"]]}
     srv.wait_log("disconnected", timeout=15)
     assert two.server.run(["ip", "route", "show", "198.51.100.192/26"]).stdout.strip() == ""
+    assert daemons.stop(srv) == 0
+
+
+def _ping_all(jobs: list[tuple[Host, str]], count: int = 2, timeout: float = 20.0
+              ) -> list[PingResult]:
+    """Run many pings at once (one process each) and parse them; bounded by ``timeout``."""
+    procs = []
+    for host, addr in jobs:
+        argv = host.ping_argv(addr, count, timeout, 0.2, None)
+        procs.append(host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True))
+    results = []
+    for (host, addr), p in zip(jobs, procs):
+        out, _ = p.communicate(timeout=timeout + 10)
+        results.append(parse_ping(addr, p.returncode, out, count))
+    return results
+
+
+def _udp_ports(host: Host) -> set[str]:
+    """Local ports of the UDP sockets in the host (ss; a nobind client has 0.0.0.0:PORT)."""
+    out = host.run(["ss", "-Hnu", "-a"]).stdout
+    return {line.split()[3].rsplit(":", 1)[1] for line in out.splitlines()
+            if len(line.split()) >= 5}
+
+
+N_CLIENTS = 20
+
+
+@pytest.mark.slow
+def test_twenty_stock_clients_with_client_to_client(lab, pki: PKI, wrap_keys: WrapKeys,
+                                                    stock_openvpn, daemons: Daemons,
+                                                    tmp_path: Path) -> None:
+    """20 stock clients (one namespace each) on one ``ovpnctl server``: every one pings the
+    server and another client; status lists them all with what each client really has."""
+    t0 = time.monotonic()
+    srv_h = lab.host("srv")
+    hosts = [lab.host(f"c{i}") for i in range(N_CLIENTS)]
+    outer = {f"user{i:02d}": f"192.0.2.{10 + i}" for i in range(N_CLIENTS)}
+    lab.segment([srv_h, *hosts], ["192.0.2.1/24", *[f"{ip}/24" for ip in outer.values()]])
+    conf = OvpnConfig.server(pki, wrap_keys, local="192.0.2.1", topology="subnet",
+                             keepalive=(2, 10), extra=("client-to-client",))
+    path = tmp_path / "server.conf"
+    path.write_text(conf.render())
+    before = ifaces_without_lo(srv_h)
+    eng = daemons.engine(srv_h, "srv")
+    srv = daemons.ovpnctl(srv_h, "srv", "server", path, eng)
+    srv.wait_log("listening on")
+    certs = {cn: pki.client(cn) for cn in outer}
+    peers = {cn: stock_openvpn.client(h, remote="192.0.2.1", cert=certs[cn], name=cn)
+             for h, cn in zip(hosts, outer)}
+    for cn, peer in peers.items():
+        peer.wait_ready(max(5.0, 45 - (time.monotonic() - t0)))
+    connected = time.monotonic() - t0
+
+    st = status(daemons, "srv", srv_h)
+    clients = {c["common_name"]: c for c in st["clients"]}
+    assert sorted(clients) == sorted(outer), sorted(clients)
+    assert len({c["peer_id"] for c in clients.values()}) == N_CLIENTS
+    assert len({c["vpn_ipv4"] for c in clients.values()}) == N_CLIENTS
+    for (cn, peer), host in zip(peers.items(), hosts):
+        c = clients[cn]
+        # the real address is the client's own socket (IP of its namespace, its port)
+        ip, port = c["real_address"].rsplit(":", 1)
+        assert ip == outer[cn], (cn, c["real_address"])
+        assert port in _udp_ports(host), (cn, c["real_address"])
+        # the VPN address is the one the client put on its tun, the peer id the pushed one
+        addrs = host.addresses(peer.opened_dev)
+        assert f"{c['vpn_ipv4']}/24" in addrs, (cn, c["vpn_ipv4"], addrs)
+        pushed = peer.wait_for(r"PUSH_REPLY,[^']*peer-id (\d+)", timeout=1)
+        assert int(pushed.group(1)) == c["peer_id"], cn
+        assert c["cipher"] == "AES-256-GCM" and c["key_id"] == 0
+
+    # every client pings the server and the next client (client-to-client via the server)
+    cns = list(outer)
+    jobs: list[tuple[Host, str]] = []
+    for i, (cn, host) in enumerate(zip(cns, hosts)):
+        jobs.append((host, SERVER_VPN))
+        jobs.append((host, clients[cns[(i + 1) % N_CLIENTS]]["vpn_ipv4"]))
+    results = _ping_all(jobs)
+    failed = [(h.name, r.destination, r.received) for (h, _a), r in zip(jobs, results) if not r]
+    assert not failed, (failed, srv.text()[-3000:])
+    after = {c["common_name"]: c for c in status(daemons, "srv", srv_h)["clients"]}
+    # each client sent >= 2 echo requests to the server and >= 2 to its neighbour, and
+    # received the replies of its own pings and of its predecessor's
+    for cn in cns:
+        assert after[cn]["packets_in"] >= 4 and after[cn]["packets_out"] >= 4, after[cn]
+    print(f"{N_CLIENTS} stock clients connected in {connected:.1f} s; "
+          f"whole test so far {time.monotonic() - t0:.1f} s")
+    # SIGTERM: nothing left behind on the server (interface, peers, process)
+    assert daemons.stop(srv) == 0
+    assert ifaces_without_lo(srv_h) == before
+    assert engine_interfaces(eng) == []
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+def test_vanished_stock_client_is_reaped_by_keepalive(lab, pki: PKI, wrap_keys: WrapKeys,
+                                                      stock_openvpn, daemons: Daemons,
+                                                      tmp_path: Path) -> None:
+    """kill -9 of a stock client: no EXIT, no RESTART; the engine's keepalive deletes the
+    peer (DEL_PEER/TIMEOUT) and the server forgets the client; the others stay."""
+    srv_h, a, b = lab.host("srv"), lab.host("a"), lab.host("b")
+    lab.segment([srv_h, a, b], ["192.0.2.1/24", "192.0.2.2/24", "192.0.2.3/24"])
+    # keepalive 1 3: clients get ping 1 / ping-restart 3; the server's peers time out
+    # after 6 s (OpenVPN doubles the timeout on the server)
+    conf = OvpnConfig.server(pki, wrap_keys, local="192.0.2.1", topology="subnet",
+                             keepalive=(1, 3))
+    path = tmp_path / "server.conf"
+    path.write_text(conf.render())
+    srv = daemons.ovpnctl(srv_h, "srv", "server", path, daemons.engine(srv_h, "srv"))
+    srv.wait_log("listening on")
+    ca = stock_openvpn.client(a, remote="192.0.2.1", cert=pki.client("kate"), name="a")
+    cb = stock_openvpn.client(b, remote="192.0.2.1", cert=pki.client("liam"), name="b")
+    ca.wait_ready(30)
+    cb.wait_ready(30)
+    clients = {c["common_name"]: c for c in status(daemons, "srv", srv_h)["clients"]}
+    assert sorted(clients) == ["kate", "liam"]
+    assert a.ping(SERVER_VPN, count=2, timeout=15) and b.ping(SERVER_VPN, count=2, timeout=15)
+    gone = clients["kate"]["peer_id"]
+    assert ca.proc is not None
+    ca.proc.kill()                                # SIGKILL: the client says nothing
+    ca.proc.wait(5)
+    killed_at = time.monotonic()
+    srv.wait_log(f"peer {gone} kate: keepalive timeout", timeout=15)
+    srv.wait_log("disconnected: ping-restart", timeout=5)
+    took = time.monotonic() - killed_at
+    # the last packet from kate was < 1 s before the kill: the peer goes at ~6 s
+    assert 4.0 <= took <= 6 + 4, took
+    assert [c["common_name"] for c in status(daemons, "srv", srv_h)["clients"]] == ["liam"]
+    # the survivor still works (the keepalive did not touch it)
+    assert b.ping(SERVER_VPN, count=2, timeout=10)
+    print(f"killed client reaped after {took:.1f} s")
     assert daemons.stop(srv) == 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bsd_ovpn.engine.steering import make_udp_socket
@@ -162,14 +163,25 @@ def _fast_available() -> bool:
     return True
 
 
-@pytest.fixture(params=["python", pytest.param("fast", marks=pytest.mark.skipif(
-    not _fast_available(), reason="the C data plane (bsd_ovpn._native fast path) is not built"))])
+DATAPLANES = ["python", pytest.param("fast", marks=pytest.mark.skipif(
+    not _fast_available(), reason="the C data plane (bsd_ovpn._native fast path) is not built"))]
+
+
+def engine_log(workdir: str, name: str) -> str:
+    with open(os.path.join(workdir, f"{name}.log")) as f:
+        return f.read()
+
+
+@pytest.fixture(params=DATAPLANES)
 def tunnel(request: pytest.FixtureRequest, two_hosts: TwoHosts) -> Iterator[Tunnel]:
     """Both engine data planes behind the same command handler."""
     workdir = tempfile.mkdtemp(prefix="h6eng-")          # AF_UNIX paths must stay short
     t = Tunnel(two_hosts, workdir, request.param)
     try:
         t.start()
+        for name in t.sides:                             # the engine says what it runs
+            assert (f"data plane: {request.param} (--dataplane {request.param})"
+                    in engine_log(workdir, name))
         yield t
     finally:
         try:
@@ -216,6 +228,29 @@ def spec_decrypt(key: bytes, iv: bytes, payload: bytes) -> tuple[int, int, int, 
     op, seq = struct.unpack("!II", payload[:8])
     pt = AESGCM(key).decrypt(payload[4:8] + iv, payload[24:] + payload[8:24], payload[:8])
     return op >> 27, op & 0xFFFFFF, seq, pt
+
+
+def segments(key: bytes, iv: bytes, payload: bytes) -> list[bytes]:
+    """The datagrams in one captured UDP payload.
+
+    The C data plane sends with UDP GSO, and a packet socket on the veth can
+    see the coalesced super-packet before it is split: equal-size segments,
+    the last one possibly shorter.  The segment size is not in the capture, so
+    find the one at which every piece decrypts."""
+    try:
+        spec_decrypt(key, iv, payload)
+        return [payload]
+    except InvalidTag:
+        pass
+    for size in range(25, len(payload) // 2 + 1):
+        pieces = [payload[i:i + size] for i in range(0, len(payload), size)]
+        try:
+            for piece in pieces:
+                spec_decrypt(key, iv, piece)
+        except (InvalidTag, ValueError, struct.error):
+            continue
+        return pieces
+    raise AssertionError(f"a captured {len(payload)}-byte UDP payload does not decrypt")
 
 
 # ---------------------------------------------------------------------------
@@ -271,8 +306,10 @@ def test_replayed_packet_is_dropped(tunnel: Tunnel) -> None:
                                   stdout=subprocess.DEVNULL)
         frames = capture(ps, 1.0)
         pinger.wait(timeout=10)
+        key_s, iv_s = tunnel.keys["server"]
         outgoing = [(f, p) for f, src, p in udp_payloads(frames)
-                    if socket.inet_ntoa(src) == two.server_ip and p[0] >> 3 == 9]
+                    if socket.inet_ntoa(src) == two.server_ip and p[0] >> 3 == 9
+                    and segments(key_s, iv_s, p) == [p]]     # not a GSO super-packet
         assert outgoing, "no data packet captured"
         frame = bytearray(outgoing[0][0])
         # captured before checksum offload filled it in: send with "no checksum" (IPv4)
@@ -306,11 +343,14 @@ def test_wire_decrypts_with_an_independent_decryptor(tunnel: Tunnel) -> None:
     key_c, iv_c = tunnel.keys["client"]
     key_s, iv_s = tunnel.keys["server"]
     seen = {"request": 0, "reply": 0}
+    datagrams = []
     for _f, src, payload in udp_payloads(frames):
         if payload[0] >> 3 != 9:
             continue
         from_client = socket.inet_ntoa(src) == two.client_ip
         key, iv = (key_c, iv_c) if from_client else (key_s, iv_s)
+        datagrams += [(from_client, key, iv, seg) for seg in segments(key, iv, payload)]
+    for from_client, key, iv, payload in datagrams:
         opcode, peer_id, seq, pt = spec_decrypt(key, iv, payload)
         assert (opcode, peer_id) == (9, PEER_ID) and seq >= 1
         assert pt[0] >> 4 in (4, 6)                 # decrypted to an IP packet
@@ -401,9 +441,10 @@ def test_sigterm_destroys_interfaces_and_removes_socket(tunnel: Tunnel) -> None:
         EngineTransport(cli.path)
 
 
-def test_ipv6_outer_transport(two_hosts: TwoHosts) -> None:
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_ipv6_outer_transport(two_hosts: TwoHosts, dataplane: str) -> None:
     workdir = tempfile.mkdtemp(prefix="h6eng-")
-    t = Tunnel(two_hosts, workdir, "python")
+    t = Tunnel(two_hosts, workdir, dataplane)
     try:
         t.start(outer6=True)
         assert two_hosts.client.ping(TUN["server"], count=3, timeout=10)
@@ -414,11 +455,12 @@ def test_ipv6_outer_transport(two_hosts: TwoHosts) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_float_moves_the_peer_and_notifies(two_hosts: TwoHosts) -> None:
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_float_moves_the_peer_and_notifies(two_hosts: TwoHosts, dataplane: str) -> None:
     """A client bound to the wildcard changes its source address: FLOAT on the server."""
     two = two_hosts
     workdir = tempfile.mkdtemp(prefix="h6eng-")
-    t = Tunnel(two, workdir, "python")
+    t = Tunnel(two, workdir, dataplane)
     try:
         t.start(client_bind="0.0.0.0")
         srv = t.sides["server"]
@@ -438,7 +480,8 @@ def test_float_moves_the_peer_and_notifies(two_hosts: TwoHosts) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_server_routes_among_peers_and_iroutes(lab) -> None:
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_server_routes_among_peers_and_iroutes(lab, dataplane: str) -> None:
     """One interface, one socket, two peers: exact vpn_ipv4 match, then a route's gateway."""
     srv, c1, c2 = lab.host("server"), lab.host("c1"), lab.host("c2")
     ifs = lab.segment([srv, c1, c2], ["192.0.2.1/24", "192.0.2.2/24", "192.0.2.3/24"])
@@ -446,7 +489,7 @@ def test_server_routes_among_peers_and_iroutes(lab) -> None:
     closers: list[Callable[[], None]] = []
     try:
         keys = {n: (os.urandom(32), os.urandom(8)) for n in ("s1", "s2", "c1", "c2")}
-        proc, path = spawn_engine(srv, workdir, "server", "python")
+        proc, path = spawn_engine(srv, workdir, "server", dataplane)
         tr = EngineTransport(path)
         closers.append(tr.close)
         s_ifc = Interface.create("ovpn", transport=tr, ifmode="subnet")
@@ -462,7 +505,7 @@ def test_server_routes_among_peers_and_iroutes(lab) -> None:
         srv.run(["ip", "addr", "add", "198.51.100.1/25", "dev", s_ifc.name])
         for pid, host, cname, outer, vpn in ((1, c1, "c1", "192.0.2.2", "198.51.100.2"),
                                              (2, c2, "c2", "192.0.2.3", "198.51.100.3")):
-            cproc, cpath = spawn_engine(host, workdir, cname, "python")
+            cproc, cpath = spawn_engine(host, workdir, cname, dataplane)
             ctr = EngineTransport(cpath)
             closers.append(ctr.close)
             c_ifc = Interface.create("ovpn", transport=ctr)
@@ -547,3 +590,18 @@ def test_peer_re_added_on_the_same_socket(tunnel: Tunnel) -> None:
     srv.ifc.start_vpn()
     # the client's sequence numbers went on; the server's new key accepts them
     assert two.client.ping(TUN["server"], count=3, timeout=10)
+
+
+def test_auto_dataplane_is_logged(two_hosts: TwoHosts) -> None:
+    """``--dataplane auto`` names its pick in the log: the C one whenever it is built."""
+    workdir = tempfile.mkdtemp(prefix="h6eng-")
+    try:
+        proc, _path = spawn_engine(two_hosts.server, workdir, "auto", "auto")
+        try:
+            want = "fast" if _fast_available() else "python"
+            assert f"data plane: {want} (--dataplane auto)" in engine_log(workdir, "auto")
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=10) == 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -64,7 +64,7 @@ def test_twenty_clients_against_stock_server(lab: Any, pki: Any, wrap_keys: Any,
                                   remote_cert_tls="server"), SOURCES[i % len(SOURCES)])
              for i, c in enumerate(pki.clients(N, prefix="lg"))]
     plan = LoadPlan(remote=(SERVER, 1194), clients=specs,
-                    wrap_factory=lambda: TLSCrypt(key, server=False), wrap_key=key)
+                    wrap_factory=lambda: TLSCrypt(key, server=False))
     with LoadGenerator(plan, workers=2, netns=f"/run/netns/{cli.ident}") as gen:
         res = gen.connect(timeout=60)
         recs = gen.records

@@ -14,8 +14,6 @@ import os
 import socket
 import stat
 import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -713,68 +711,10 @@ def test_openvpn_client_sends_our_wrapped_client_key(run, tmp_path, pki):
 # the same commands against an in-process userspace engine (no root)
 # ---------------------------------------------------------------------------
 
-class _Host:
-    """The engine's host edge without tun devices or steering (sockets are real)."""
-
-    def __init__(self) -> None:
-        from bsd_ovpn.engine.commands import inspect_socket
-        self.inspect_socket = inspect_socket
-        self.links: set[str] = set()
-        self.up: set[str] = set()
-
-    def select_source(self, remote):
-        raise OSError(E.EHOSTUNREACH, "no route")
-
-    def create_link(self, name):
-        self.links.add(name)
-        return name
-
-    def destroy_link(self, name):
-        self.links.discard(name)
-
-    def rename_link(self, name, new):
-        self.links.discard(name)
-        self.links.add(new)
-
-    def set_link_up(self, name):
-        self.up.add(name)
-
-    def link_is_up(self, name):
-        return name in self.up
-
-    def link_exists(self, name):
-        return name in self.links
-
-    def make_dataplane(self, name):
-        from bsd_ovpn.engine.dataplane import PythonDataPlane
-        return PythonDataPlane()
-
-    def hook_socket(self, name, fd, dp):
-        pass
-
-    def unhook_socket(self, name, dp):
-        pass
-
-    def set_steering(self, name, ids):
-        pass
-
-    def gateway_routes(self, name):
-        return []
-
-
 @pytest.fixture
-def engine_socket():
-    from bsd_ovpn.engine.commands import Engine
-    from bsd_ovpn.engine.daemon import EngineDaemon
-    d = tempfile.mkdtemp(prefix="ovc")
-    path = os.path.join(d, "e.sock")
-    daemon = EngineDaemon(path, engine=Engine(_Host()))
-    t = threading.Thread(target=daemon.serve_forever, daemon=True)
-    t.start()
-    yield path
-    daemon.stop()
-    t.join(5)
-    os.rmdir(d)
+def engine_socket(engine_daemon):
+    """The socket of an in-process engine daemon (tests/unit/conftest.py's engine_daemon)."""
+    return engine_daemon.path
 
 
 def test_cli_against_in_process_engine(run, engine_socket):

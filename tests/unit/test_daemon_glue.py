@@ -247,6 +247,30 @@ def test_server_interface_setup(files) -> None:
     assert n.net.calls == [("mtu", "tun0", 1500), ("addr", "tun0", "198.51.100.1/24", None)]
 
 
+@pytest.mark.parametrize("c2c,forwarding,expect", [
+    (True, False, "IP forwarding is off"),
+    (True, True, None),
+    (False, True, "IP forwarding is on"),
+    (False, None, "IP forwarding is unknown"),
+    (False, False, None),
+])
+def test_server_says_what_decides_client_to_client(files, caplog, c2c: bool,
+                                                   forwarding: bool | None,
+                                                   expect: str | None) -> None:
+    """ovpnctl never forwards between clients itself (the host's IP stack does, as with
+    OpenVPN's DCO): it warns when the host will not do what the config asks for."""
+    n = ServerNet(files, "client-to-client\n" if c2c else "")
+    assert n.cfg.client_to_client is c2c
+    n.net.forwarding = forwarding
+    with caplog.at_level("INFO", logger="bsd_ovpn.daemon"):
+        n.d.setup_interface()
+    text = "\n".join(r.getMessage() for r in caplog.records if "client" in r.getMessage())
+    if expect is None:
+        assert text == ""
+    else:
+        assert expect in text and "tun0" in text
+
+
 def test_server_rekey_slot_dance(files) -> None:
     n = ServerNet(files, "tran-window 100\nreneg-sec 0")
     n.connect()
@@ -272,9 +296,11 @@ def test_server_keepalive_timeout_forgets_client(files) -> None:
     n.tr.calls.clear()
     n.tr.script(C.OVPN_GET_PKT, notif(peerid=0, notification=0, del_reason=1,
                                       packets={"in": 1, "out": 2}, bytes={"in": 3, "out": 4}))
+    n.out.clear()
     n.d.wake(n.clock.t)
     assert n.d.records == {} and len(n.d.endpoint) == 0
     assert "DEL_PEER" not in calls(n.tr)          # the kernel already deleted it
+    assert n.out == []                            # nobody to say EXIT to
     # the address goes back to the pool: the next client gets .2 again
     n2 = ServerNet(files)
     n2.connect()
@@ -318,6 +344,34 @@ def test_server_kill_sends_restart_then_del_peer(files) -> None:
     assert n.d.records == {}
     with pytest.raises(Exception, match="no client"):
         n.d.kill("alice", n.clock.t)
+
+
+def test_server_kill_of_a_silent_client_ends_promptly(files) -> None:
+    """A stock client restarts on RESTART without acking it (or anything after): the
+    server must not keep the session (and its if_ovpn peer) for EXIT_LINGER."""
+    from bsd_ovpn.proto.session import RESTART_LINGER
+
+    n = ServerNet(files)
+    n.connect()
+    n.tr.calls.clear()
+    del n.clients[CLIENT_ADDR]                   # gone: nothing reaches it, nothing comes back
+    t0 = n.clock.t
+    n.d.kill("alice", n.clock.t)
+    n.advance(6, until=lambda: not n.d.records)
+    assert n.d.records == {} and calls(n.tr) == ["DEL_PEER"]
+    assert n.clock.t - t0 <= RESTART_LINGER + 0.5
+
+
+def test_server_shutdown_with_silent_clients_is_done_within_the_linger(files) -> None:
+    from bsd_ovpn.daemon.server import SHUTDOWN_LINGER
+
+    n = ServerNet(files)
+    n.connect()
+    del n.clients[CLIENT_ADDR]
+    t0 = n.clock.t
+    n.d.begin_shutdown(n.clock.t)
+    n.advance(6, until=n.d.shutdown_done)
+    assert n.d.shutdown_done() and n.clock.t - t0 < SHUTDOWN_LINGER
 
 
 def test_server_status_uses_peer_stats(files) -> None:
@@ -618,7 +672,8 @@ def test_client_ignores_data_packets_and_strangers(files) -> None:
     # a server keepalive that beat our NEW_PEER to the socket, and a packet from elsewhere
     n.d.datagram_received(bytes([0x48, 0, 0, 0]) + bytes(20), SERVER_ADDR, n.clock.t)
     n.d.datagram_received(b"\x38" + bytes(40), ("192.0.2.99", 1194), n.clock.t)
-    assert s.dropped == 0 and n.d.state == "connected"
+    # the session itself refused the data packet (no daemon-side filter any more)
+    assert s.data_ignored == 1 and s.dropped == 0 and n.d.state == "connected"
     n.close()
 
 

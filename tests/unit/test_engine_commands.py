@@ -2,8 +2,9 @@
 
 Requests are real packed nvlists (OpenVPN's, from the golden vectors, and
 variants of them); replies are compared byte for byte with the kernel reply
-vectors where the numbers can be made the same.  The host edge is a small
-recording fake; sockets are real (NEW_PEER inspects the passed fd).
+vectors where the numbers can be made the same.  The host edge is the small
+recording fake of tests/unit/conftest.py; sockets are real (NEW_PEER inspects
+the passed fd).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from bsd_ovpn import nv
-from bsd_ovpn.engine.commands import Engine, inspect_socket
-from bsd_ovpn.engine.dataplane import PeerCounters, PythonDataPlane
+from bsd_ovpn.engine.commands import Engine
+from bsd_ovpn.engine.dataplane import PeerCounters
 from bsd_ovpn.ifovpn import Command, DelReason, NotifType
 
 VEC = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "nvlist"
@@ -39,84 +40,16 @@ def pk(nvl) -> bytes:
     return nv.pack(nvl)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class FakeHost:
-    """Records what the engine asks of the OS; sockets are inspected for real."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.links: set[str] = set()
-        self.up: set[str] = set()
-        self.hooked: dict[str, int] = {}
-        self.hook_log: list[tuple[str, str]] = []
-        self.steering: dict[str, list[int]] = {}
-        self.source = bytes.fromhex("20010db8000000000000000000000063")
-        self.source_error: int | None = None
-        self.hook_error: int | None = None
-
-    def inspect_socket(self, fd):
-        return inspect_socket(fd)
-
-    def select_source(self, remote):
-        if self.source_error:
-            raise OSError(self.source_error, "no route")
-        return self.source
-
-    def create_link(self, name):
-        self.links.add(name)
-        return name
-
-    def destroy_link(self, name):
-        self.links.discard(name)
-
-    def rename_link(self, name, new):
-        self.links.discard(name)
-        self.links.add(new)
-
-    def set_link_up(self, name):
-        self.up.add(name)
-
-    def link_is_up(self, name):
-        return name in self.up
-
-    def link_exists(self, name):
-        return name in self.links
-
-    def make_dataplane(self, name):
-        return PythonDataPlane(clock=self.clock)
-
-    def hook_socket(self, name, fd, dp):
-        if self.hook_error:
-            raise OSError(self.hook_error, "hook failed")
-        self.hooked[name] = fd
-        self.hook_log.append(("hook", name))
-
-    def unhook_socket(self, name, dp):
-        self.hooked.pop(name, None)
-        self.hook_log.append(("unhook", name))
-
-    def set_steering(self, name, ids):
-        self.steering[name] = list(ids)
-
-    def gateway_routes(self, name):
-        return []
+@pytest.fixture
+def clock(engine_clock):
+    """tests/unit/conftest.py's settable clock (``.t``, starts at 1000.0)."""
+    return engine_clock
 
 
 @pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def host(clock):
-    return FakeHost(clock)
+def host(fake_host):
+    """tests/unit/conftest.py's recording FakeHost, its data planes on ``clock``."""
+    return fake_host
 
 
 @pytest.fixture

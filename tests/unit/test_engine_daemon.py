@@ -1,8 +1,9 @@
 """The engine daemon and EngineTransport over a real UNIX socket (no root, no tun).
 
 The daemon runs in a thread with an Engine whose host edge is a recording
-fake, so this covers framing, SCM_RIGHTS, errno mapping and the typed API
-driving the engine exactly as it drives the kernel.
+fake (``engine_daemon`` in tests/unit/conftest.py), so this covers framing,
+SCM_RIGHTS, errno mapping and the typed API driving the engine exactly as it
+drives the kernel.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import errno
 import os
 import socket
 import stat
-import threading
 
 import pytest
 
@@ -18,74 +18,18 @@ from bsd_ovpn import nv
 from bsd_ovpn.binding import IfOvpnExists, IfOvpnNotFound, IfOvpnNotSupported
 from bsd_ovpn.engine.commands import Engine, inspect_socket
 from bsd_ovpn.engine.daemon import EngineDaemon
-from bsd_ovpn.engine.dataplane import PythonDataPlane
+from bsd_ovpn.engine.dataplane import canon_addr
 from bsd_ovpn.engine.steering import make_udp_socket
 from bsd_ovpn.engine.transport import EngineNotRunning, EngineTransport
 from bsd_ovpn.errors import IfOvpnError
 from bsd_ovpn.ifovpn import Command
-from bsd_ovpn.interface import Interface, KeyMaterial
-
-
-class Host:
-    def __init__(self):
-        self.links, self.up, self.hooked = set(), set(), {}
-
-    def inspect_socket(self, fd):
-        return inspect_socket(fd)
-
-    def select_source(self, remote):
-        raise OSError(errno.EHOSTUNREACH, "none")
-
-    def create_link(self, name):
-        self.links.add(name)
-        return name
-
-    def destroy_link(self, name):
-        self.links.discard(name)
-
-    def rename_link(self, a, b):
-        self.links.discard(a)
-        self.links.add(b)
-
-    def set_link_up(self, name):
-        self.up.add(name)
-
-    def link_is_up(self, name):
-        return name in self.up
-
-    def link_exists(self, name):
-        return name in self.links
-
-    def make_dataplane(self, name):
-        return PythonDataPlane()
-
-    def hook_socket(self, name, fd, dp):
-        # the daemon closes received descriptors after the request: prove we got
-        # the caller's socket by looking at it now
-        self.hooked[name] = inspect_socket(fd).ident
-
-    def unhook_socket(self, name, dp):
-        self.hooked.pop(name, None)
-
-    def set_steering(self, name, ids):
-        pass
-
-    def gateway_routes(self, name):
-        return []
+from bsd_ovpn.interface import Endpoint, Float, Interface, KeyMaterial
 
 
 @pytest.fixture
-def daemon(tmp_path):
-    host = Host()
-    path = str(tmp_path / "engine.sock")
-    d = EngineDaemon(path, engine=Engine(host))
-    t = threading.Thread(target=d.serve_forever, daemon=True)
-    t.start()
-    yield d, host, path
-    d.stop()
-    t.join(timeout=5)
-    assert not t.is_alive()
-    assert not os.path.exists(path)            # socket file removed on shutdown
+def daemon(engine_daemon):
+    """(EngineDaemon, its FakeHost, socket path): tests/unit/conftest.py's engine_daemon."""
+    return engine_daemon.daemon, engine_daemon.host, engine_daemon.path
 
 
 def test_socket_is_root_only(daemon):
@@ -107,8 +51,8 @@ def test_typed_api_drives_the_engine(daemon):
         with Interface.create("ovpn", transport=tr) as ifc:
             assert ifc.name == "ovpn0" and tr.list_interfaces() == ["ovpn0"]
             ifc.set_ifmode("subnet")
-            ifc.new_peer(7, udp, ("192.0.2.1", 1194), vpn_ipv4="10.8.0.2")
-            assert host.hooked["ovpn0"] == inspect_socket(udp.fileno()).ident   # SCM_RIGHTS
+            ifc.new_peer(7, udp, ("192.0.2.1", 1194), vpn_ipv4="198.51.100.2")
+            assert host.hooked_ident["ovpn0"] == inspect_socket(udp.fileno()).ident   # SCM_RIGHTS
             ifc.new_key(7, 0, 0, "AES-256-GCM", KeyMaterial(bytes(32), bytes(8)),
                         KeyMaterial(bytes(32), bytes(8)))
             ifc.start_vpn()
@@ -128,6 +72,46 @@ def test_typed_api_drives_the_engine(daemon):
             ifc.rename("tun0")
             assert tr.list_interfaces() == ["tun0"]
         assert tr.list_interfaces() == []
+    finally:
+        tr.close()
+        udp.close()
+
+
+@pytest.mark.parametrize("source, want", [
+    (("192.0.2.50", 5000), ("192.0.2.50", 5000, 0)),
+    (("::ffff:192.0.2.51", 5001, 0, 0), ("192.0.2.51", 5001, 0)),   # a dual-stack socket
+    (("fe80::51", 5002, 0, 3), ("fe80::51", 5002, 3)),
+])
+def test_float_reaches_the_typed_api_as_an_endpoint(daemon, source, want):
+    """The FLOAT path of tests/netns/test_engine.py::test_float_moves_the_peer_and_notifies,
+    deterministically: a data packet from a new address becomes an interface.Float whose
+    ``address`` is an interface.Endpoint (fields address/port/scope_id, no ``host``), which
+    the code consuming it -- that test, the server daemon, Endpoint.parse -- reads as such.
+    (That test once failed with "'Endpoint' object has no attribute 'host'": it read the
+    notification with a field name the Endpoint does not have.)"""
+    d, host, path = daemon
+    udp = make_udp_socket(("127.0.0.1", 0))
+    tr = EngineTransport(path)
+    try:
+        with Interface.create("ovpn", transport=tr) as ifc:
+            ifc.new_peer(7, udp, ("192.0.2.1", 1194))
+            same = KeyMaterial(bytes(range(32)), bytes(8))         # both ways: RX takes our TX
+            ifc.new_key(7, 0, 0, "AES-256-GCM", same, same)
+            ifc.start_vpn()
+            dp = d.engine.interfaces[ifc.name].dataplane
+            wire, _dest, _local = dp.handle_tun_packet(bytes([0x45]) + bytes(19))
+            assert dp.handle_datagram(wire, source) is not None
+            notes = list(ifc.iter_notifications())
+            assert len(notes) == 1, notes
+            (note,) = notes
+            assert isinstance(note, Float) and note.peer_id == 7
+            ep = note.address
+            assert isinstance(ep, Endpoint) and not hasattr(ep, "host")
+            assert (str(ep.address), ep.port, ep.scope_id) == want
+            assert Endpoint.parse(ep) == ep                       # feeds back into new_peer
+            # the engine moved the peer: TX now goes to the new address
+            assert canon_addr(source) == dp.handle_tun_packet(bytes([0x45]) + bytes(19))[1]
+            assert list(ifc.iter_notifications()) == []          # one FLOAT, not one per packet
     finally:
         tr.close()
         udp.close()
@@ -173,16 +157,16 @@ def test_raw_requests_and_errnos(daemon):
         assert exc.value.errno == errno.ENXIO
 
 
-def test_second_daemon_on_the_same_socket_is_refused(daemon):
+def test_second_daemon_on_the_same_socket_is_refused(daemon, fake_host):
     _, _, path = daemon
     with pytest.raises(RuntimeError, match="already running"):
-        EngineDaemon(path, engine=Engine(Host()))
+        EngineDaemon(path, engine=Engine(fake_host))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving the socket to root:<group> needs root")
-def test_group_socket_is_0660(tmp_path):
+def test_group_socket_is_0660(tmp_path, fake_host):
     path = str(tmp_path / "g.sock")
-    d = EngineDaemon(path, group="root", engine=Engine(Host()))
+    d = EngineDaemon(path, group="root", engine=Engine(fake_host))
     try:
         st = os.stat(path)
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 0

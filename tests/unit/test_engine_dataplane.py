@@ -205,22 +205,22 @@ def test_link_down_and_missing_key():
 def test_routing_among_peers():
     dp = PythonDataPlane()
     dp.set_running(True)
-    dp.add_peer(1, ("192.0.2.11", 1194), None, bytes([10, 8, 0, 2]), None)
+    dp.add_peer(1, ("192.0.2.11", 1194), None, bytes([198, 51, 100, 202]), None)
     k = bytes(32)
     dp.set_key(1, 0, 0, "AES-256-GCM", k, bytes(8), k, bytes(8))
     # one peer: everything goes to it, vpn address or not
     assert dp.handle_tun_packet(ip4("198.51.100.9"))[1][1] == \
         bytes([192, 0, 2, 11])
-    dp.add_peer(2, ("192.0.2.12", 1194), None, bytes([10, 8, 0, 3]),
+    dp.add_peer(2, ("192.0.2.12", 1194), None, bytes([198, 51, 100, 203]),
                 ipaddress.IPv6Address("2001:db8:8::3").packed)
     dp.set_key(2, 0, 0, "AES-256-GCM", k, bytes(8), k, bytes(8))
-    assert dp.handle_tun_packet(ip4("10.8.0.3"))[1][1] == bytes([192, 0, 2, 12])
-    assert dp.handle_tun_packet(ip4("10.8.0.2"))[1][1] == bytes([192, 0, 2, 11])
+    assert dp.handle_tun_packet(ip4("198.51.100.203"))[1][1] == bytes([192, 0, 2, 12])
+    assert dp.handle_tun_packet(ip4("198.51.100.202"))[1][1] == bytes([192, 0, 2, 11])
     assert dp.handle_tun_packet(ip6("2001:db8:8::3"))[1][1] == bytes([192, 0, 2, 12])
     assert dp.handle_tun_packet(ip4("198.51.100.77")) is None      # no route
     # an iroute: 198.51.100.0/24 via the second peer's tunnel address
-    dp.set_routes([(ipaddress.ip_network("198.51.100.0/24"), bytes([10, 8, 0, 3])),
-                   (ipaddress.ip_network("198.51.100.64/26"), bytes([10, 8, 0, 2]))])
+    dp.set_routes([(ipaddress.ip_network("198.51.100.0/24"), bytes([198, 51, 100, 203])),
+                   (ipaddress.ip_network("198.51.100.64/26"), bytes([198, 51, 100, 202]))])
     assert dp.handle_tun_packet(ip4("198.51.100.7"))[1][1] == bytes([192, 0, 2, 12])
     assert dp.handle_tun_packet(ip4("198.51.100.70"))[1][1] == bytes([192, 0, 2, 11])  # longest
     assert dp.iface_counters().lost_data_out == 1

@@ -28,10 +28,11 @@ import targets as T  # noqa: E402
 
 #: Peak Python allocation allowed while one input runs (bytes).  Inputs are at
 #: most a few KiB; the server target builds TLS sessions, hence its own bound.
-MEMORY_BOUND = {"server_endpoint": 48 << 20, "engine_commands": 32 << 20}
+MEMORY_BOUND = {"server_endpoint": 48 << 20, "client_session": 48 << 20,
+                "engine_commands": 32 << 20}
 DEFAULT_MEMORY_BOUND = 16 << 20
 #: hypothesis examples per target: a few seconds each on a slow CI machine.
-EXAMPLES = {"server_endpoint": 25, "engine_commands": 60, "config": 80}
+EXAMPLES = {"server_endpoint": 25, "client_session": 25, "engine_commands": 60, "config": 80}
 DEFAULT_EXAMPLES = 150
 
 

@@ -556,3 +556,88 @@ def test_drop_client_frees_state_and_peer_id(tls: tuple[TLSConfig, TLSConfig]) -
     assert events[-1].reason == "ping-restart"
     assert [e.slot for e in events if isinstance(e, ev.DeleteKey)] == [KeySlot.PRIMARY]
     assert len(net.endpoint) == 0 and net.endpoint.session_by_peer_id(0) is None
+
+
+def test_sessions_refuse_data_packets_and_count_them(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    """P_DATA_V1/V2 reaching a session (e.g. a keepalive before NEW_PEER) is refused,
+    counted apart from protocol errors, and changes nothing."""
+    net = Net(*tls)
+    net.run(lambda: net.established()
+            and net.server_session.primary.state is KSState.GENERATED_KEYS)
+    c, s = net.client, net.server_session
+    v2 = bytes([(Opcode.P_DATA_V2 << 3) | 0, 0, 0, 0]) + bytes(24)
+    v1 = bytes([(Opcode.P_DATA_V1 << 3) | 1]) + bytes(24)
+    for sess in (c, s):
+        before = (sess.terminated, sess.primary.state)
+        assert not sess.receive_datagram(v2, net.now)
+        assert not sess.receive_datagram(v1, net.now)
+        assert sess.data_ignored == 2 and sess.dropped == 0
+        assert (sess.terminated, sess.primary.state) == before
+        assert sess.next_event() is None and sess.datagrams_to_send(net.now) == []
+    # the endpoint never hands data packets to a session at all
+    assert not net.endpoint.receive_datagram(v2, CLIENT_ADDR, net.now)
+    assert s.data_ignored == 2 and net.endpoint.dropped == 0
+
+
+def test_restart_is_not_followed_by_exit_and_ends_once_acked(
+        tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls)
+    net.run(lambda: net.established()
+            and net.server_session.primary.state is KSState.GENERATED_KEYS)
+    s = net.server_session
+    t0 = net.now
+    net.endpoint.disconnect(0, net.now, restart=True)
+    net.run(lambda: s.terminated is not None, max_time=10)
+    assert s.terminated.reason == "restart" and "RESTART sent" in s.terminated.message
+    assert net.now - t0 < 0.5                        # the ACK ended it, no lingering
+    assert any(isinstance(e, ev.RestartReceived) for e in net.c_events)
+    assert not any(isinstance(e, ev.ExitReceived) for e in net.c_events)
+    assert len(net.endpoint) == 0
+
+
+@pytest.mark.parametrize("how", ["kill", "shutdown-after-exit"])
+def test_restart_to_a_silent_client_ends_after_a_short_linger(
+        tls: tuple[TLSConfig, TLSConfig], how: str) -> None:
+    """A restarting stock client acks nothing more: the server forgets it after
+    RESTART_LINGER (one retransmission), not after EXIT_LINGER."""
+    from bsd_ovpn.proto.session import EXIT_LINGER, RESTART_LINGER
+
+    assert RESTART_LINGER < EXIT_LINGER
+    net = Net(*tls)
+    net.run(lambda: net.established()
+            and net.server_session.primary.state is KSState.GENERATED_KEYS)
+    s = net.server_session
+    sent: list[bytes] = []
+    net.to_client = lambda i, d: (sent.append(d), [])[1]
+    t0 = net.now
+    if how == "shutdown-after-exit":
+        net.endpoint.disconnect(0, net.now)          # EXIT, waiting up to EXIT_LINGER
+        assert s.terminated is None
+        net.advance(0.5)
+        net.endpoint.disconnect(0, net.now, restart=True)   # shortens, sends nothing new
+    else:
+        net.endpoint.disconnect(0, net.now, restart=True)
+    while s.terminated is None:
+        t = net.endpoint.get_timer()
+        assert t is not None and t <= t0 + RESTART_LINGER + 0.5, (t, t0)
+        net.now = max(net.now, t)
+        net.endpoint.handle_timer(net.now)
+        net.step()
+    assert net.now - t0 <= RESTART_LINGER + 0.5
+    assert len(net.endpoint) == 0
+    events = [ce.event for ce in iter(net.endpoint.next_event, None)]
+    assert not any(isinstance(e, ev.ConnectionTerminated) for e in events)  # already collected
+    assert isinstance(net.s_events[-1], ev.ConnectionTerminated)
+    assert [e.slot for e in net.s_events[-3:] if isinstance(e, ev.DeleteKey)] == [KeySlot.PRIMARY]
+    assert 1 <= len(sent) <= 3                       # RESTART (or EXIT) + at most a resend
+
+
+def test_restart_before_the_handshake_ends_at_once(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls)
+    net.step()
+    net.step()                                      # cookie exchange done, TLS not finished
+    assert len(net.endpoint) == 1
+    net.endpoint.disconnect(0, net.now, restart=True)
+    assert len(net.endpoint) == 0
+    with pytest.raises(LocalProtocolError):
+        net.endpoint.disconnect(0, net.now, restart=True)
