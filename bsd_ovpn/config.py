@@ -307,6 +307,7 @@ class Config:
     connect_retry_max: int | None = None
     nobind: bool = False
     float_peer: bool = False         # --float: accept the peer from a new address
+    multihome: bool = False          # --multihome: reply from the address the peer used
     explicit_exit_notify: int = 0
     # device and addressing
     dev: str | None = None
@@ -720,7 +721,7 @@ for _n, _a in [("client-to-client", "client_to_client"), ("username-as-common-na
                ("remote-random", "remote_random"), ("nobind", "nobind"),
                ("disable-dco", "disable_dco"), ("duplicate-cn", "duplicate_cn"),
                ("ccd-exclusive", "ccd_exclusive"), ("float", "float_peer"),
-               ("route-nopull", "route_nopull"),
+               ("route-nopull", "route_nopull"), ("multihome", "multihome"),
                ("tls-server", "tls_server"), ("tls-client", "tls_client"), ("pull", "pull"),
                ("client", "client")]:
     _flag(_n, _a)

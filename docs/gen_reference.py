@@ -9,7 +9,7 @@ cannot drift from ``ovpnctl --help``:
     python3 docs/gen_reference.py --write docs/walkthrough.rst README.rst
     python3 docs/gen_reference.py --check docs/walkthrough.rst README.rst
 
-tests/unit/test_walkthrough.py runs the check.
+tests/unit/test_walkthrough_doc.py runs the check.
 """
 from __future__ import annotations
 

@@ -65,8 +65,9 @@ class IfOvpnPeers:
 
     # -- peers
     def new_peer(self, peer_id: int, remote: Any, *, vpn_ipv4: Any = None,
-                 vpn_ipv6: Any = None) -> None:
-        self.ifc.new_peer(peer_id, self.sock, remote, vpn_ipv4=vpn_ipv4,
+                 vpn_ipv6: Any = None, local: Any = None) -> None:
+        """``local`` (multihome): the address the peer talks to, port 0 (the socket's)."""
+        self.ifc.new_peer(peer_id, self.sock, remote, local=local, vpn_ipv4=vpn_ipv4,
                           vpn_ipv6=vpn_ipv6)
         self.peers.add(peer_id)
 
@@ -254,6 +255,35 @@ def read_datagrams(sock: socket.socket) -> list[tuple[bytes, Any]]:
     return out
 
 
+def read_datagrams_from(sock: socket.socket, *, pktinfo: bool = False
+                        ) -> list[tuple[bytes, Any, Any]]:
+    """Like :func:`read_datagrams`, each with the address it was sent to
+    (``pktinfo=True``: a :class:`~bsd_ovpn.daemon.pktinfo.Local`, read with
+    IP_PKTINFO / IPV6_RECVPKTINFO, for multihome; else None).  IPv6 peer
+    addresses come back as ``(ip, port, flowinfo, scope_id)`` with the scope only
+    in ``scope_id`` (Python also writes it into the text as ``fe80::1%eth0``; the
+    if_ovpn layer refuses a scope given twice)."""
+    from bsd_ovpn.daemon import pktinfo as pi
+
+    out: list[tuple[bytes, Any, Any]] = []
+    for _ in range(MAX_READS_PER_WAKEUP):
+        try:
+            if pktinfo:
+                data, addr, local = pi.recv(sock, RECV_SIZE)
+            else:
+                data, addr = sock.recvfrom(RECV_SIZE)
+                local = None
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as exc:
+            log.debug("recvfrom: %s", exc)       # e.g. ECONNREFUSED from an ICMP error
+            continue
+        if len(addr) == 4 and "%" in addr[0]:
+            addr = (addr[0].split("%", 1)[0], addr[1], addr[2], addr[3])
+        out.append((data, addr, local))
+    return out
+
+
 def drop_privileges(user: str | None, group: str | None) -> None:
     """``user``/``group`` directives: switch ids after everything privileged is set up."""
     import grp
@@ -299,9 +329,9 @@ def serve(daemon: Any, loop: Loop, *, control: Any = None, status_file: Any = No
     """
     import signal as _signal
 
-    from bsd_ovpn.daemon.status import render_text, write_status_file
+    from bsd_ovpn.daemon.status import StatusFileWriter, render_text
 
-    state: dict[str, Any] = {"deadline": None, "next_status": 0.0}
+    state: dict[str, Any] = {"deadline": None, "next_status": 0.0, "status_writer": None}
 
     def on_signal(signum: int) -> None:
         now = loop.clock()
@@ -327,7 +357,9 @@ def serve(daemon: Any, loop: Loop, *, control: Any = None, status_file: Any = No
         if status_file is not None and now >= state["next_status"]:
             state["next_status"] = now + status_file.interval
             try:
-                write_status_file(status_file.path, daemon.status(), status_version)
+                if state["status_writer"] is None:
+                    state["status_writer"] = StatusFileWriter(status_file.path)
+                state["status_writer"].write(daemon.status(), status_version)
             except OSError as exc:
                 log.warning("status file %s: %s", status_file.path, exc)
 
@@ -347,6 +379,15 @@ def serve(daemon: Any, loop: Loop, *, control: Any = None, status_file: Any = No
         control.register(loop)
     loop.handle_signals([_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGUSR2],
                         on_signal)
-    drop_privileges(user, group)
-    loop.run(daemon.deadline, on_wake)
+    if status_file is not None:
+        try:                                  # opened as root: still writable as nobody
+            state["status_writer"] = StatusFileWriter(status_file.path)
+        except OSError as exc:
+            log.warning("status file %s: %s", status_file.path, exc)
+    try:
+        drop_privileges(user, group)
+        loop.run(daemon.deadline, on_wake)
+    finally:
+        if state["status_writer"] is not None:
+            state["status_writer"].close()
     return daemon.exit_status()

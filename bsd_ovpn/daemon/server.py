@@ -140,12 +140,15 @@ class ServerDaemon:
                  engine: str = "kernel", clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
                  call_soon: Callable[[Callable[[], None]], None] | None = None,
-                 cookie_jar: Any = None) -> None:
+                 cookie_jar: Any = None,
+                 send_from: Callable[[bytes, Addr, Any], None] | None = None) -> None:
         check_server_config(cfg)
         self.cfg = cfg
         self.ifc = ifc
         self.sock = sock
         self.send = send
+        #: multihome: send(data, addr) from a given local address (see pktinfo.py)
+        self.send_from = send_from
         self.netcfg = netcfg if netcfg is not None else NetConfig()
         self.engine = engine
         self.clock = clock
@@ -190,10 +193,10 @@ class ServerDaemon:
                             "host's IP stack); enable net.ipv4.ip_forward / "
                             "net.inet.ip.forwarding", name)
         elif fwd is not False:
-            log.warning("no client-to-client, but with if_ovpn this host's IP stack forwards "
-                        "traffic between clients (IP forwarding is %s); block traffic that "
-                        "comes in on %s and goes out on %s in the firewall if clients must "
-                        "not reach each other", "on" if fwd else "unknown", name, name)
+            log.info("note: no client-to-client, but this host's IP stack forwards traffic "
+                     "between clients (IP forwarding is %s); block traffic that comes in on "
+                     "%s and goes out on %s in the firewall if clients must not reach each "
+                     "other", "on" if fwd else "unknown", name, name)
 
     def _server_settings(self, cfg: configmod.Config) -> ServerSettings:
         session = SessionSettings(
@@ -208,10 +211,20 @@ class ServerDaemon:
         return ServerSettings(session, max_clients=cfg.max_clients or 1024, force_cookie=force)
 
     # ------------------------------------------------------------------ driving
-    def datagram_received(self, data: bytes, addr: Addr, now: float) -> None:
-        if self.stopping and self.endpoint.session_for(addr) is None:
-            return                            # shutting down: no new clients
-        self.endpoint.receive_datagram(data, addr, now)
+    def datagram_received(self, data: bytes, addr: Addr, now: float, local: Any = None) -> None:
+        self.datagrams_received([(data, addr, local)], now)
+
+    def datagrams_received(self, batch: list[tuple[bytes, Addr, Any]], now: float) -> None:
+        """A batch read in one wake-up: all of it into the endpoint, then one pump.
+
+        Pumping once per batch (not per datagram) keeps the work per datagram
+        constant while 1000 clients handshake at once.  ``local`` (may be None)
+        is the server address each datagram was sent to (multihome).
+        """
+        for data, addr, local in batch:
+            if self.stopping and self.endpoint.session_for(addr) is None:
+                continue                      # shutting down: no new clients
+            self.endpoint.receive_datagram(data, addr, now, local)
         # an acked RESTART/EXIT makes the session's get_timer() due now: wake() ends it
         self.pump(now)
 
@@ -238,9 +251,12 @@ class ServerDaemon:
                     self._on_event(ce, now, ending)
                 except (OvpnError, OSError) as exc:
                     self._fail_client(ce.peer_id, f"{type(exc).__name__}: {exc}", now)
-            out = self.endpoint.datagrams_to_send(now)
-            for data, addr in out:
-                self.send(data, addr)
+            out = self.endpoint.datagrams_to_send_from(now)
+            for data, addr, local in out:
+                if local is not None and self.send_from is not None:
+                    self.send_from(data, addr, local)
+                else:
+                    self.send(data, addr)
             if not batch and not out:
                 return
 
@@ -350,8 +366,8 @@ class ServerDaemon:
                     try:
                         self.endpoint.drop_client(n.peer_id, "ping-restart",
                                                   "keepalive timeout (DEL_PEER TIMEOUT)")
-                    except LocalProtocolError:
-                        s.abort("ping-restart", "keepalive timeout (DEL_PEER TIMEOUT)")
+                    except LocalProtocolError:   # the endpoint had already let it go
+                        self._remove_client(rec, "keepalive timeout (DEL_PEER TIMEOUT)")
             elif isinstance(n, RotateKey):
                 s = rec.session if rec is not None else None
                 if s is not None and s.terminated is None:
@@ -359,6 +375,7 @@ class ServerDaemon:
                         s.renegotiate(now)
                     except LocalProtocolError as exc:
                         log.debug("peer %d: ROTATE_KEY ignored: %s", n.peer_id, exc)
+                    self.endpoint.touch(n.peer_id)
             elif isinstance(n, Float):
                 if rec is not None:
                     self._float(rec, n)
@@ -502,6 +519,7 @@ class ServerDaemon:
             session.set_auth_result(key_id, ok, reason, now=now)
         except LocalProtocolError as exc:
             log.debug("peer %d: late auth result ignored: %s", peer_id, exc)
+        self.endpoint.touch(peer_id)
         self.pump(now)
 
     def _replace_same_cn(self, cn: str | None, keep: ClientRecord | None = None) -> None:

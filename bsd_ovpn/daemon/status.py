@@ -61,6 +61,14 @@ def _label(v: object) -> str:
     return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _sample(value: float) -> str:
+    """Exact sample text: integers in full (byte counters must keep counting), floats
+    with repr's round-trip digits (a Unix time keeps its seconds); ``:g`` kept 6 digits."""
+    if isinstance(value, int):
+        return str(int(value))
+    return repr(float(value))
+
+
 def render_prometheus(st: DaemonStatus) -> str:
     """Prometheus text exposition format 0.0.4."""
     out: list[str] = []
@@ -70,7 +78,8 @@ def render_prometheus(st: DaemonStatus) -> str:
         out.append(f"# HELP {name} {help_}")
         out.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
-            out.append(f"{name}{{{labels}}} {value:g}" if labels else f"{name} {value:g}")
+            v = _sample(value)
+            out.append(f"{name}{{{labels}}} {v}" if labels else f"{name} {v}")
 
     metric("ovpnctl_up", "gauge", "1 while the daemon runs.", [(base, 1)])
     metric("ovpnctl_start_time_seconds", "gauge", "Daemon start, Unix time.",
@@ -149,3 +158,34 @@ def write_status_file(path: str, st: DaemonStatus, version: int = 1) -> None:
         except OSError:
             pass
         raise
+
+
+class StatusFileWriter:
+    """OpenVPN's ``status FILE``: opened once at start, rewritten in place.
+
+    Like OpenVPN, the file is opened while the daemon is still root and then
+    rewritten through that descriptor, so it keeps working after ``user nobody``
+    (a temp file + rename in a root-owned directory would fail then).  The new
+    text is written over the old one before the tail is cut, so a reader sees
+    the old or the new content, never an empty file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                                      0o644)
+
+    def write(self, st: DaemonStatus, version: int = 1) -> None:
+        if self.fd is None:
+            raise OSError(f"status file {self.path} is closed")
+        data = render_status_file(st, version).encode()
+        view = memoryview(data)
+        off = 0
+        while off < len(data):
+            off += os.pwrite(self.fd, view[off:], off)
+        os.ftruncate(self.fd, len(data))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -16,7 +16,9 @@ now)``, ``datagrams_to_send(now) -> [(bytes, addr)]``, ``get_timer()``,
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import ipaddress
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -62,13 +64,18 @@ class ServerSettings:
     force_cookie: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Client:
     addr: Addr
     peer_id: int
     session: Session
     metadata: bytes | None = None
     events: deque[ev.Event] = field(default_factory=deque)
+    #: the server address the client's last datagram was sent to (multihome), opaque here
+    local: Any = None
+    #: the deadline this client's live timer-heap entry carries (None: no entry)
+    deadline: float | None = None
+    timer_seq: int = -1
 
 
 class ServerEndpoint:
@@ -93,8 +100,15 @@ class ServerEndpoint:
         self.cookies = cookie_jar or CookieJar(None, max(1, int(settings.session.hand_window)))
         self._clients: dict[Addr, _Client] = {}
         self._by_peer_id: dict[int, _Client] = {}
-        self._stateless_out: list[tuple[bytes, Addr]] = []
+        self._stateless_out: list[tuple[bytes, Addr, Any]] = []
         self._events: deque[ClientEvent] = deque()
+        # Per-datagram work must not grow with the number of clients (1000 clients
+        # handshaking at once): only clients something happened to are visited for
+        # output ("touched"), and deadlines sit in a heap with lazy deletion -- an
+        # entry is live only while its seq is its client's timer_seq.
+        self._touched: dict[_Client, None] = {}
+        self._timers: list[tuple[float, int, _Client]] = []
+        self._seq = itertools.count()
         self.dropped = 0
         self.last_error: str | None = None
         self.cookie_resets_sent = 0
@@ -104,19 +118,48 @@ class ServerEndpoint:
         return len(self._clients)
 
     def session_for(self, addr: Addr) -> Session | None:
+        """The session at ``addr``; it counts as touched (the caller may drive it)."""
         c = self._clients.get(addr)
-        return c.session if c else None
+        if c is None:
+            return None
+        self._touched[c] = None
+        return c.session
 
     def session_by_peer_id(self, peer_id: int) -> Session | None:
+        """The session of ``peer_id``; it counts as touched (the caller may drive it)."""
         c = self._by_peer_id.get(peer_id)
-        return c.session if c else None
+        if c is None:
+            return None
+        self._touched[c] = None
+        return c.session
 
     def clients(self) -> list[tuple[int, Addr, Session]]:
+        """Every client (O(N): status and shutdown only; all count as touched)."""
+        for c in self._clients.values():
+            self._touched[c] = None
         return [(c.peer_id, c.addr, c.session) for c in self._clients.values()]
 
+    def local_for(self, peer_id: int) -> Any:
+        """The server address ``peer_id`` last sent to (``receive_datagram``'s ``local``)."""
+        c = self._by_peer_id.get(peer_id)
+        return c.local if c is not None else None
+
+    def touch(self, peer_id: int) -> None:
+        """Say that a session was driven directly (``set_auth_result``, ``renegotiate``,
+        ``abort`` ...): its output and new deadline are picked up on the next call.
+        Unknown peer ids are ignored (the session may have ended meanwhile)."""
+        c = self._by_peer_id.get(peer_id)
+        if c is not None:
+            self._touched[c] = None
+
     # ------------------------------------------------------------------ driving
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> bool:
-        """Handle one datagram; False if it was dropped or is a data packet."""
+    def receive_datagram(self, data: bytes, addr: Addr, now: float, local: Any = None) -> bool:
+        """Handle one datagram; False if it was dropped or is a data packet.
+
+        ``local``: the address the datagram was sent to (multihome: the I/O layer
+        read it with IP_PKTINFO); replies to ``addr`` carry it back (see
+        :meth:`datagrams_to_send_from`).  Opaque here; None when not known.
+        """
         data = bytes(data)
         try:
             opcode, key_id = peek(data)
@@ -127,31 +170,57 @@ class ServerEndpoint:
         client = self._clients.get(addr)
         if client is not None:
             if self._is_new_attempt(client, data, opcode):
-                return self._stateless(data, addr, opcode, key_id, now, replaces=client)
+                return self._stateless(data, addr, opcode, key_id, now, replaces=client,
+                                       local=local)
+            if local is not None:
+                client.local = local
             ok = client.session.receive_datagram(data, now)
             if not ok:
                 self.dropped += 1
                 self.last_error = client.session.last_error
+            self._touched[client] = None
             self._collect(client)
             return ok
-        return self._stateless(data, addr, opcode, key_id, now, replaces=None)
+        return self._stateless(data, addr, opcode, key_id, now, replaces=None, local=local)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        return [(d, a) for d, a, _local in self.datagrams_to_send_from(now)]
+
+    def datagrams_to_send_from(self, now: float) -> list[tuple[bytes, Addr, Any]]:
+        """Like :meth:`datagrams_to_send`, each with the ``local`` address to send from.
+
+        Visits only the clients touched since the last call and those whose
+        deadline has passed (a retransmission may be due), never all of them.
+        """
         out = self._stateless_out
         self._stateless_out = []
-        for c in list(self._clients.values()):
-            out.extend((d, c.addr) for d in c.session.datagrams_to_send(now))
+        visit = self._touched
+        self._touched = {}
+        for c in self._pop_due(now):
+            visit[c] = None
+        for c in visit:
+            if self._by_peer_id.get(c.peer_id) is not c:
+                continue                    # ended meanwhile: nothing more leaves for it
+            out.extend((d, c.addr, c.local) for d in c.session.datagrams_to_send(now))
             self._collect(c)
+            self._reschedule(c)
         return out
 
     def get_timer(self) -> float | None:
-        times = [t for c in self._clients.values() if (t := c.session.get_timer()) is not None]
-        return min(times) if times else None
+        self._reschedule_touched()
+        timers = self._timers
+        while timers and timers[0][1] != timers[0][2].timer_seq:
+            heapq.heappop(timers)           # stale entry (lazy deletion)
+        return timers[0][0] if timers else None
 
     def handle_timer(self, now: float) -> None:
-        for c in list(self._clients.values()):
+        """Run the timers of the sessions that are due (not of every session)."""
+        self._reschedule_touched()
+        for c in self._pop_due(now):
             c.session.handle_timer(now)
+            self._touched[c] = None         # a retransmission or goodbye may be due now
             self._collect(c)
+            self._reschedule(c)
 
     def next_event(self) -> ClientEvent | None:
         return self._events.popleft() if self._events else None
@@ -170,6 +239,7 @@ class ServerEndpoint:
             c.session.restart(now)
         else:
             c.session.close(now)
+        self._touched[c] = None
         self._collect(c)
 
     def drop_client(self, peer_id: int, reason: str = "dropped",
@@ -179,6 +249,7 @@ class ServerEndpoint:
         if c is None:
             raise LocalProtocolError(f"no client with peer_id {peer_id}")
         c.session.abort(reason, message)
+        self._touched[c] = None
         self._collect(c)
 
     def float_client(self, peer_id: int, new_addr: Addr) -> None:
@@ -209,20 +280,20 @@ class ServerEndpoint:
         return client.session.remote_sid is not None and sid != client.session.remote_sid
 
     def _stateless(self, data: bytes, addr: Addr, opcode: int, key_id: int, now: float, *,
-                   replaces: _Client | None) -> bool:
+                   replaces: _Client | None, local: Any = None) -> bool:
         try:
             if opcode in (Opcode.P_CONTROL_HARD_RESET_CLIENT_V2,
                           Opcode.P_CONTROL_HARD_RESET_CLIENT_V3):
-                return self._client_reset(data, addr, opcode, now, replaces)
+                return self._client_reset(data, addr, opcode, now, replaces, local)
             if opcode in (Opcode.P_CONTROL_V1, Opcode.P_ACK_V1, Opcode.P_CONTROL_WKC_V1) \
                     and key_id == 0:
-                return self._cookie_packet(data, addr, opcode, now, replaces)
+                return self._cookie_packet(data, addr, opcode, now, replaces, local)
         except (RemoteProtocolError, OvpnError, ValueError) as exc:
             return self._drop(f"from {addr}: {exc}")
         return self._drop(f"from {addr}: opcode {opcode} key_id {key_id} without a session")
 
     def _client_reset(self, data: bytes, addr: Addr, opcode: int, now: float,
-                      replaces: _Client | None) -> bool:
+                      replaces: _Client | None, local: Any = None) -> bool:
         early_neg = False
         v2_wrap = None
         if opcode == Opcode.P_CONTROL_HARD_RESET_CLIENT_V3:
@@ -242,7 +313,7 @@ class ServerEndpoint:
                 return self._drop(f"from {addr}: tls-crypt-v2 reset without early negotiation "
                                   "(force-cookie)")
             # a client that cannot resend its WKc: keep state now (spec §6.3)
-            return self._create_stateful(pkt, addr, v2_wrap, now, replaces)
+            return self._create_stateful(pkt, addr, v2_wrap, now, replaces, local)
         cookie = self.cookies.make(now, addr, pkt.session_id)
         payload = b""
         if early_neg:
@@ -252,12 +323,12 @@ class ServerEndpoint:
                               pkt.session_id, 0, payload)
         wrap = v2_wrap if v2_wrap is not None else self.wrap_factory()
         wrap.send_packet_id = 0
-        self._stateless_out.append((wrap.wrap(reply.encode(), now), addr))
+        self._stateless_out.append((wrap.wrap(reply.encode(), now), addr, local))
         self.cookie_resets_sent += 1
         return True
 
     def _cookie_packet(self, data: bytes, addr: Addr, opcode: int, now: float,
-                       replaces: _Client | None) -> bool:
+                       replaces: _Client | None, local: Any = None) -> bool:
         metadata = None
         if opcode == Opcode.P_CONTROL_WKC_V1:
             if self.tls_crypt_v2 is None:
@@ -286,14 +357,14 @@ class ServerEndpoint:
         session = Session.accept_cookie(self._session_settings(), wrap, now,
                                         cookie=pkt.remote_session_id,
                                         client_sid=pkt.session_id, peer_id=peer_id)
-        client = _Client(addr, peer_id, session, metadata)
+        client = _Client(addr, peer_id, session, metadata, local=local)
         self._add(client)
         ok = session.receive_packet(pkt, now)
         self._collect(client)
         return ok
 
     def _create_stateful(self, pkt: ControlPacket, addr: Addr, wrap: Any, now: float,
-                         replaces: _Client | None) -> bool:
+                         replaces: _Client | None, local: Any = None) -> bool:
         if replaces is not None:
             self._remove(replaces, "replaced by a new session from the same address")
         peer_id = self._allocate_peer_id()
@@ -301,7 +372,7 @@ class ServerEndpoint:
             return self._drop(f"from {addr}: max-clients {self.settings.max_clients} reached")
         session = Session.accept_reset(self._session_settings(), wrap, now,
                                        client_sid=pkt.session_id, peer_id=peer_id)
-        client = _Client(addr, peer_id, session, getattr(wrap, "metadata", None))
+        client = _Client(addr, peer_id, session, getattr(wrap, "metadata", None), local=local)
         self._add(client)
         ok = session.receive_packet(pkt, now)
         self._collect(client)
@@ -326,6 +397,44 @@ class ServerEndpoint:
     def _add(self, client: _Client) -> None:
         self._clients[client.addr] = client
         self._by_peer_id[client.peer_id] = client
+        self._touched[client] = None
+
+    # ------------------------------------------------------------------ timers
+    def _reschedule(self, c: _Client) -> None:
+        """Give ``c`` a heap entry for its session's current deadline (if it changed)."""
+        if self._by_peer_id.get(c.peer_id) is not c:
+            c.timer_seq = -1
+            return
+        t = c.session.get_timer()
+        if t == c.deadline and (t is None or c.timer_seq >= 0):
+            return
+        c.deadline = t
+        if t is None:
+            c.timer_seq = -1
+            return
+        c.timer_seq = next(self._seq)
+        heapq.heappush(self._timers, (t, c.timer_seq, c))
+        if len(self._timers) > 64 + 4 * len(self._by_peer_id):
+            # many stale entries: rebuild from the live ones (amortised O(1) per push)
+            self._timers = [e for e in self._timers if e[1] == e[2].timer_seq]
+            heapq.heapify(self._timers)
+
+    def _reschedule_touched(self) -> None:
+        for c in self._touched:
+            self._reschedule(c)
+
+    def _pop_due(self, now: float) -> list[_Client]:
+        """Take the live heap entries due at ``now`` (their clients get new ones later)."""
+        due: list[_Client] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _t, seq, c = heapq.heappop(timers)
+            if seq != c.timer_seq:
+                continue                    # stale
+            c.timer_seq = -1
+            c.deadline = None
+            due.append(c)
+        return due
 
     def _remove(self, client: _Client, why: str) -> None:
         if client.session.terminated is None:
@@ -333,6 +442,7 @@ class ServerEndpoint:
         self._collect(client, remove=False)
         self._clients.pop(client.addr, None)
         self._by_peer_id.pop(client.peer_id, None)
+        client.timer_seq = -1
 
     def _collect(self, client: _Client, *, remove: bool = True) -> None:
         s = client.session
@@ -342,6 +452,7 @@ class ServerEndpoint:
             # keep nothing of a finished client (hand-window expiry included)
             self._clients.pop(client.addr, None)
             self._by_peer_id.pop(client.peer_id, None)
+            client.timer_seq = -1
 
     def _drop(self, why: str) -> bool:
         self.dropped += 1

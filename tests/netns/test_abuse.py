@@ -195,6 +195,13 @@ print(json.dumps({"sent": sent, "local_drops": dropped_local,
 """
 
 
+def udp_counters(h: Host) -> dict[str, int]:
+    """The namespace's UDP MIB (/proc/net/snmp "Udp:" lines): InDatagrams, RcvbufErrors, ..."""
+    lines = [ln.split() for ln in h.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if ln.startswith("Udp:")]
+    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
+
+
 def attacker_run(net: Net, program: str, *args: str, timeout: float) -> dict:
     res = net.attacker.run([sys.executable, "-c", program, *args], timeout=timeout)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -249,6 +256,7 @@ def test_junk_flood_20k_per_s_for_30_s(net: Net, pki: PKI, wrap_keys: WrapKeys,
     assert net.client.ping(SERVER_VPN, count=2, timeout=10)
     [before] = srv.clients()
     log_before = srv.log.count("\n")
+    udp_before = udp_counters(net.server)
     seconds = float(os.environ.get("BSD_OVPN_FLOOD_SECONDS", "30"))
     flood = net.attacker.popen([sys.executable, "-c", JUNK_FLOOD, str(wrap_keys.tls_crypt),
                                 SERVER_IP, "20000", str(seconds),
@@ -269,7 +277,10 @@ def test_junk_flood_20k_per_s_for_30_s(net: Net, pki: PKI, wrap_keys: WrapKeys,
     received = int(res.stdout.split(" received")[0].rsplit(",", 1)[-1].strip() or 0) \
         if " received" in res.stdout else 0
     lines = srv.log.count("\n") - log_before
-    print(f"junk flood {stats}; pings {received}/{n}; server log +{lines} lines")
+    udp = {k: v - udp_before.get(k, 0) for k, v in udp_counters(net.server).items()}
+    print(f"junk flood {stats}; pings {received}/{n}; server log +{lines} lines; "
+          f"server UDP in {udp.get('InDatagrams')}, rcvbuf drops {udp.get('RcvbufErrors')}, "
+          f"in errors {udp.get('InErrors')}")
     assert stats.get("sent", 0) >= 0.9 * 20000 * seconds, stats
     assert srv.running, srv.log_tail()
     assert received >= 0.8 * n, res.stdout

@@ -308,6 +308,13 @@ def test_stock_client_rekey_kill_and_sighup(two_hosts: TwoHosts, pki: PKI, wrap_
     res = two.server.run([sys.executable, "-c", "from bsd_ovpn.cli import main; main()", "kill",
                           "dave", "--control-socket", str(daemons.workdir / "srv.ctl")])
     assert "disconnected peer id" in res.stdout
+    killed_at = time.monotonic()
+    # RESTART only (no EXIT after it): the old session ends when the RESTART is acked,
+    # or after RESTART_LINGER (2.5 s) at the latest -- not after EXIT's 5 s
+    # (a stock client never acks it: it restarts at once, so the old session goes at
+    # 2.5 s or earlier, when the reconnecting client replaces it)
+    srv.wait_log(f"dave ({c['real_address']}) disconnected", timeout=4)
+    print(f"killed session gone after {time.monotonic() - killed_at:.2f} s")
     cli.wait_for(r"Initialization Sequence Completed", timeout=30, since=mark)
     assert two.client.ping(SERVER_VPN, count=2, timeout=15)
     assert daemons.stop(srv) == 0

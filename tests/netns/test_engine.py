@@ -539,12 +539,14 @@ def test_server_routes_among_peers_and_iroutes(lab, dataplane: str) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.parametrize("dataplane", DATAPLANES)
 @pytest.mark.parametrize("server_local", [None, "192.0.2.1"])
-def test_dual_stack_server_socket_with_ipv4_client(two_hosts: TwoHosts, server_local) -> None:
+def test_dual_stack_server_socket_with_ipv4_client(two_hosts: TwoHosts, server_local,
+                                                   dataplane: str) -> None:
     """A server on [::]:1194 (v6only off) and a v4-mapped remote, as OpenVPN's udp6 does;
     with ``local`` (multihome) the source address is chosen per packet."""
     workdir = tempfile.mkdtemp(prefix="h6eng-")
-    t = Tunnel(two_hosts, workdir, "python")
+    t = Tunnel(two_hosts, workdir, dataplane)
     try:
         t.start(server_dual_stack=True, server_local=server_local)
         two_hosts.server.run(["ip", "addr", "add", "192.0.2.9/24", "dev", two_hosts.server_if])
@@ -556,10 +558,11 @@ def test_dual_stack_server_socket_with_ipv4_client(two_hosts: TwoHosts, server_l
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_link_down_until_start_vpn(two_hosts: TwoHosts) -> None:
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_link_down_until_start_vpn(two_hosts: TwoHosts, dataplane: str) -> None:
     """Before START_VPN the interface carries nothing; TX is dropped and counted."""
     workdir = tempfile.mkdtemp(prefix="h6eng-")
-    t = Tunnel(two_hosts, workdir, "python")
+    t = Tunnel(two_hosts, workdir, dataplane)
     try:
         t.start(start_client=False)
         cli = t.sides["client"]

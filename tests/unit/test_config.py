@@ -247,6 +247,15 @@ def test_server_net30_client_to_client_and_nopool(pki_dir):
     c = loads(base + "server 198.51.100.0 255.255.255.248\n", str(pki_dir / "s.conf"))
     assert c.ifconfig_pool == Pool("198.51.100.4", "198.51.100.7")   # /29: no end reserve
 
+def test_multihome_flag(pki_dir):
+    """--multihome (a server on the wildcard address replies from the address used)."""
+    base = "dev tun\nca ca.crt\ncert server.crt\nkey server.key\nserver 198.51.100.0 255.255.255.0\n"
+    assert loads(base, str(pki_dir / "s.conf")).multihome is False
+    assert loads(base + "multihome\n", str(pki_dir / "s.conf")).multihome is True
+    with pytest.raises(ConfigError, match="multihome"):
+        loads(base + "multihome yes\n", str(pki_dir / "s.conf"))
+
+
 
 def test_double_dash_bom_include_and_cd(pki_dir):
     _write(pki_dir, "common.conf", "dev tun\nca ca.crt\n")

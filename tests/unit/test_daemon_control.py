@@ -127,3 +127,98 @@ def test_missing_socket_message(tmp_path) -> None:
 
 def test_default_socket_path() -> None:
     assert default_socket_path("/etc/openvpn/server.conf") == "/var/run/bsd_ovpn/server.ctl"
+
+
+# --------------------------------------------------------------------------- status renderers
+
+def _status(n_clients: int) -> "DaemonStatus":
+    from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus
+
+    clients = [ClientStatus(peer_id=i, common_name=f"user{i}", username=None,
+                            real_address=f"192.0.2.{10 + i}:40000",
+                            vpn_ipv4=f"198.51.100.{2 + i}", vpn_ipv6=None, cipher="AES-256-GCM",
+                            key_id=0, connected_since=1795551234.56, last_handshake=1795551299.25,
+                            bytes_in=104600123 + i, bytes_out=2211433, packets_in=71853,
+                            packets_out=35210)
+               for i in range(n_clients)]
+    return DaemonStatus(role="server", config="/etc/openvpn/server.conf", pid=42,
+                        engine="test", interface="tun0", started=1795551234.56,
+                        state="running", clients=clients)
+
+
+def test_prometheus_samples_keep_every_digit() -> None:
+    """A byte counter must keep counting and a Unix time keep its seconds (``:g`` had 6
+    significant digits: 1.04600e+08, 1.79555e+09)."""
+    from bsd_ovpn.daemon.status import render_prometheus
+
+    text = render_prometheus(_status(1))
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    labels = 'role="server",interface="tun0"'
+    per = labels + ',peer_id="0",common_name="user0"'
+    assert samples[f"ovpnctl_start_time_seconds{{{labels}}}"] == "1795551234.56"
+    assert samples[f"ovpnctl_peer_bytes_received_total{{{per}}}"] == "104600123"
+    assert samples[f"ovpnctl_peer_connected_since_seconds{{{per}}}"] == "1795551234.56"
+    assert samples[f"ovpnctl_peers{{{labels}}}"] == "1"
+    assert all(float(v) == float(v) for v in samples.values())       # all parse as numbers
+
+
+def test_status_file_is_rewritten_in_place(tmp_path) -> None:
+    from bsd_ovpn.daemon.status import StatusFileWriter, render_status_file
+
+    path = tmp_path / "status.log"
+    w = StatusFileWriter(str(path))
+    try:
+        w.write(_status(3), 2)
+        ino = path.stat().st_ino
+        assert path.read_text() == render_status_file(_status(3), 2)
+        w.write(_status(1), 2)                      # shorter: no stale tail left behind
+        assert path.stat().st_ino == ino
+        text = path.read_text()
+        assert "user2" not in text and text.endswith("END\n") and "CLIENT_LIST,user0," in text
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+    finally:
+        w.close()
+    with pytest.raises(OSError):
+        w.write(_status(1), 2)
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_status_file_still_written_after_dropping_privileges(tmp_path) -> None:
+    """``user nobody`` + ``status FILE`` in a root-owned directory (H15's walkthrough case):
+    opened before the privilege drop, the file stays writable."""
+    import pwd
+
+    from bsd_ovpn.daemon.status import StatusFileWriter
+
+    nobody = pwd.getpwnam("nobody")
+    d = tmp_path / "log"
+    d.mkdir(mode=0o755)
+    path = d / "status.log"
+    w = StatusFileWriter(str(path))
+    try:
+        pid = os.fork()
+        if pid == 0:                                # child: become nobody, then write
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                try:                                # the directory really is closed to us
+                    open(d / "other", "w").close()
+                    code = 2
+                except PermissionError:
+                    w.write(_status(2), 2)
+                    code = 0
+            finally:
+                os._exit(code)
+        _pid, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert "CLIENT_LIST,user1," in path.read_text()
+    finally:
+        w.close()

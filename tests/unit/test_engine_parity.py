@@ -4,7 +4,7 @@ The engine stands in for if_ovpn, so its two data planes must accept and
 refuse the same packets as the kernel: the receive replay window
 (``ovpn_check_replay``: a 64-packet bitmap, a jump of more than 64 restarts
 the window there), the end of the sequence space (refused for good past
-2**32-1) and the ROTATE_KEY threshold.  Each data plane runs for real here
+2**32-1), the ROTATE_KEY threshold, and FLOAT (reported, not applied).  Each data plane runs for real here
 (its own packet thread(s)) on a loopback UDP socket, with one end of an
 AF_UNIX datagram socketpair as the "tun"; datagrams are sealed with
 ``cryptography`` from the wire format in if_ovpn.md §7, not with engine code.
@@ -94,14 +94,15 @@ class Rig:
             assert time.monotonic() < deadline, f"{self.kind}: timed out waiting for {what}: {c}"
             time.sleep(0.001)
 
-    def rx(self, seq: int) -> bool:
-        """Send one authentic datagram with ``seq``: True if it reached the tun."""
+    def rx(self, seq: int, sender: socket.socket | None = None) -> bool:
+        """Send one authentic datagram with ``seq`` (from ``sender``, default the
+        peer's socket): True if it reached the tun."""
         self._tag += 1
         packet = ip4(self._tag)
         hdr = struct.pack("!II", (9 << 3) << 24 | PEER_ID, seq)
         ct = AESGCM(self.rx_key).encrypt(hdr[4:8] + self.rx_iv, packet, hdr)
         before = self.dp.iface_counters()
-        self.remote.sendto(hdr + ct[-16:] + ct[:-16], self.addr)
+        (sender or self.remote).sendto(hdr + ct[-16:] + ct[:-16], self.addr)
         after = self.counters(lambda c: c.data_in + c.lost_data_in
                               == before.data_in + before.lost_data_in + 1, "the datagram")
         if after.data_in == before.data_in:
@@ -109,8 +110,9 @@ class Rig:
         assert self.tun.recv(70000) == packet
         return True
 
-    def tx(self, count: int) -> list[int]:
-        """Route ``count`` packets into the tunnel; the sequence numbers that went out."""
+    def tx(self, count: int, receiver: socket.socket | None = None) -> list[int]:
+        """Route ``count`` packets into the tunnel; the sequence numbers that went out
+        (received on ``receiver``, default the peer's socket)."""
         before = self.dp.iface_counters()
         for _ in range(count):
             self._tag += 1
@@ -119,7 +121,7 @@ class Rig:
                               == before.data_out + before.nomem_data_out + count, "TX")
         seqs = []
         for _ in range(after.data_out - before.data_out):
-            wire = self.remote.recv(2000)
+            wire = (receiver or self.remote).recv(2000)
             op, seq = struct.unpack("!II", wire[:8])
             AESGCM(self.tx_key).decrypt(wire[4:8] + self.tx_iv, wire[24:] + wire[8:24], wire[:8])
             assert op == (9 << 3) << 24 | PEER_ID
@@ -235,3 +237,24 @@ def test_rotate_threshold(rig: Rig) -> None:
     assert rig.tx(2) == [SEQ_ROTATE + 2, SEQ_ROTATE + 3]
     assert rig.dp.events() == [("rotate_key", PEER_ID)]
     assert rig.tx(2) and rig.dp.events() == []
+
+
+def test_float_is_reported_once_with_the_latest_address_and_not_applied(rig: Rig) -> None:
+    movers = []
+    try:
+        for ip in ("127.0.0.2", "127.0.0.3"):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((ip, 0))
+            s.settimeout(5)
+            movers.append(s)
+        a, b = movers
+        assert rig.rx(1, a) and rig.rx(2, b)
+        assert rig.dp.events() == [("float", PEER_ID, b.getsockname())]
+        assert rig.dp.events() == []
+        assert rig.tx(1) == [1]                    # still to the old remote: the engine decides
+        rig.dp.set_remote(PEER_ID, b.getsockname())
+        assert rig.tx(1, receiver=b) == [2]
+        assert rig.rx(3, b) and rig.dp.events() == []      # at the remote now: no float
+    finally:
+        for s in movers:
+            s.close()

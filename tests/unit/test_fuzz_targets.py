@@ -161,3 +161,17 @@ def test_engine_state_change_on_a_failed_command_is_detected(
     seed = bytes([0, cmd, 1]) + len(payload).to_bytes(2, "big") + payload + b"\x00"
     with pytest.raises(T.FuzzPropertyError, match="changed the engine state"):
         T.run("engine_commands", seed)
+
+
+# --------------------------------------------------------------------- findings (reproductions)
+
+@pytest.mark.xfail(strict=True, reason="reported to H4 (proto/keymethod.py) in notes/requests.md: "
+                   "PeerInfo.build() emits values ending in CR that parse() then strips")
+def test_peer_info_trailing_cr_survives_build() -> None:
+    """Found by the keymethod long run: ``IV_CIPHERS=AES-128-GCM\\r:`` parses to a cipher
+    named ``'AES-128-GCM\\r'``; build() writes it at the end of a line, and parse()
+    strips it, so ``parse(build(p)) != p``.  build() should refuse such a value
+    (as it refuses newline/NUL), or parse() should strip each cipher name."""
+    from bsd_ovpn.proto.keymethod import PeerInfo
+    pi = PeerInfo.parse("IV_CIPHERS=AES-128-GCM\r:\n")
+    assert PeerInfo.parse(pi.build()) == pi

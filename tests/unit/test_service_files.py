@@ -352,3 +352,25 @@ def test_install_service_rejects_unsafe_program_paths(tmp_path: Path, program: s
                                    str(tmp_path), "--program", program])
     assert res.exit_code != 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_unit_waits_for_its_socket(tmp_path: Path) -> None:
+    """ExecStartPost makes the engine "started" only once its socket exists (so units
+    ordered After= it do not race it), and gives up instead of hanging."""
+    import socket
+
+    [post] = _parse_unit(service.shipped_text("ovpnctl-engine.service"))["Service"]["ExecStartPost"]
+    assert "$" not in post                      # no systemd variable expansion surprises
+    argv = shlex.split(post)
+    assert argv[:2] == ["/usr/bin/timeout", "10"]
+    sock_path = tmp_path / "engine.sock"
+    argv = [a.replace("/run/bsd_ovpn/engine.sock", str(sock_path)) for a in argv]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(sock_path))
+        assert subprocess.run(argv, timeout=20).returncode == 0
+    finally:
+        s.close()
+    sock_path.unlink()
+    fast = ["timeout", "0.5", *argv[2:]]        # no socket: the bound ends it, non-zero
+    assert subprocess.run(fast, timeout=20).returncode != 0

@@ -93,3 +93,31 @@ def test_demo_configs_pass_the_daemons_checks(tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate((tmp_path / f"{demo.CLIENT_CN}.crt").read_bytes())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == demo.CLIENT_CN
 
+
+
+def test_engine_choice_on_freebsd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FreeBSD: load if_ovpn in the host (a vnet jail cannot), prefer it, else fall back."""
+    import subprocess
+
+    from bsd_ovpn import engines
+
+    monkeypatch.setattr(sys, "platform", "freebsd14")
+    loaded = {"if_ovpn": False}
+    calls: list[list[str]] = []
+
+    def fake_run(argv, **kw):
+        calls.append(list(argv))
+        loaded["if_ovpn"] = kldload_works
+        return subprocess.CompletedProcess(argv, 0 if kldload_works else 1, b"", b"")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(engines, "kernel_available", lambda: loaded["if_ovpn"])
+    kldload_works = True
+    assert demo.choose_engine("auto") == "kernel"
+    assert calls == [["kldload", "-n", "if_ovpn"]]
+    assert demo.choose_engine("auto") == "kernel" and len(calls) == 1   # already loaded
+    loaded["if_ovpn"], kldload_works = False, False
+    assert demo.choose_engine("auto") == "userspace"
+    with pytest.raises(UnsupportedPlatform, match="kldload if_ovpn failed"):
+        demo.choose_engine("kernel")
+    assert demo.choose_engine("userspace") == "userspace"
