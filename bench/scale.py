@@ -205,12 +205,17 @@ class ServerUnderTest:
         raise NotImplementedError
 
     def rss(self) -> dict[str, int]:
+        """VmRSS/VmHWM summed over the server's processes, plus VmRSS per process."""
         tot: dict[str, int] = {"VmRSS": 0, "VmHWM": 0}
-        for pid in self.pids():
+        for pid, role in zip(self.pids(), self.roles()):
             st = read_status(pid)
-            for k in tot:
+            for k in ("VmRSS", "VmHWM"):
                 tot[k] += st.get(k, 0)
+            tot[f"VmRSS:{role}"] = st.get("VmRSS", 0)
         return tot
+
+    def roles(self) -> list[str]:
+        return ["server"]
 
     def cpu(self) -> float:
         return sum(cpu_seconds(p) for p in self.pids())
@@ -273,6 +278,9 @@ class OvpnctlServer(ServerUnderTest):
 
     def pids(self) -> list[int]:
         return [p.pid for p in (self.proc, self.engine) if p.poll() is None]
+
+    def roles(self) -> list[str]:
+        return [r for r, p in (("daemon", self.proc), ("engine", self.engine)) if p.poll() is None]
 
     def stop(self) -> None:
         for p in (self.proc, self.engine):
@@ -396,9 +404,11 @@ def run_one(kind: str, lab_hosts: tuple[Host, Host], workdir: Path, args: argpar
         time.sleep(1.5)                              # status file refreshes every second
         res.rss_connected = server.rss()
         res.status_connected = status_clients(status)
+        parts = ", ".join(f"{k.split(':')[1]} {res.rss_idle.get(k, 0)} -> {v} KiB"
+                          for k, v in res.rss_connected.items() if ":" in k)
         print(f"  server RSS idle {res.rss_idle.get('VmRSS')} KiB, connected "
-              f"{res.rss_connected.get('VmRSS')} KiB ({res.kb_per_client:.1f} KiB/client), "
-              f"status file lists {res.status_connected}", flush=True)
+              f"{res.rss_connected.get('VmRSS')} KiB ({res.kb_per_client:.1f} KiB/client; "
+              f"{parts}), status file lists {res.status_connected}", flush=True)
         if args.idle > 0:
             recs = gen.idle(args.idle)
             print(f"  after {args.idle:g} s idle: {_alive(recs)} clients up, "

@@ -8,7 +8,10 @@ exactly as OpenVPN documents them.  Anything we do not implement is an error
 naming file, line and directive rather than being silently ignored: a VPN
 that quietly drops ``redirect-gateway`` or a ``learn-address`` script is
 worse than one that refuses to start.  Directives that are accepted but have
-no effect here are listed in :data:`NOOP_DIRECTIVES`.
+no effect here are listed in :data:`NOOP_DIRECTIVES`, each with the reason why
+ignoring it changes nothing a user relies on; directives this module parses
+but whose behaviour ``ovpnctl`` does not have yet are refused at load time
+(:data:`NOT_YET_SUPPORTED`).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ __all__ = [
     "TLSWrapSettings", "TLSCryptV2Settings", "VerifyX509Name", "AuthUserPass",
     "AuthUserPassVerify", "StatusFile", "TokenizeError", "split_line", "load", "loads",
     "load_ccd", "loads_ccd", "NOOP_DIRECTIVES", "UNSUPPORTED_DIRECTIVES", "DATA_CIPHERS",
-    "DEFAULT_DATA_CIPHERS",
+    "DEFAULT_DATA_CIPHERS", "NOT_YET_SUPPORTED", "PoolPersist", "PULL_FILTER_ACTIONS",
+    "pull_filter_action",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,27 +45,56 @@ log = logging.getLogger(__name__)
 DATA_CIPHERS = tuple(c for c in CIPHER_KEY_SIZES if c != "none")
 DEFAULT_DATA_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
 
-#: Accepted and recorded nowhere: they only tune things bsd_ovpn does differently.
+#: Accepted and recorded nowhere.  An entry may only be here when ignoring the directive
+#: changes nothing a user relies on (security, addressing, who may connect); the reason
+#: says why.  Anything else is implemented, refused (UNSUPPORTED_DIRECTIVES) or refused
+#: until the daemon implements it (NOT_YET_SUPPORTED).
 NOOP_DIRECTIVES: dict[str, str] = {
-    "persist-key": "keys are always kept in memory across restarts",
-    "persist-local-ip": "bsd_ovpn never re-resolves the local address",
-    "persist-remote-ip": "bsd_ovpn keeps the resolved remote across ping restarts",
-    "key-derivation": "only meaningful when pushed; bsd_ovpn always uses the OpenVPN PRF",
-    "mute-replay-warnings": "replay drops are counted, not logged per packet",
-    "auth-nocache": "credentials are never cached beyond the session",
-    "sndbuf": "socket buffers are sized by the daemon",
-    "rcvbuf": "socket buffers are sized by the daemon",
-    "fast-io": "the event loop is always non-blocking",
-    "ping-timer-rem": "ping timers always run",
-    "tun-ipv6": "IPv6 in the tunnel is always enabled (deprecated in OpenVPN too)",
-    "push-peer-info": "a client always sends full peer-info",
-    "txqueuelen": "interface queue length is left at the system default",
-    "route-delay": "routes are installed when the tunnel is up",
-    "block-outside-dns": "Windows-only",
-    "register-dns": "Windows-only",
-    "bind": "the local socket is always bound (use nobind on clients to pick a port)",
-    "suppress-timestamps": "logging goes through Python logging",
-    "machine-readable-output": "logging goes through Python logging",
+    "persist-key": "keys and certificates are read once at start and kept in memory over "
+                   "reconnects; nothing is re-read that could fail after dropping privileges",
+    "persist-local-ip": "the local address is resolved once at start and never again",
+    "key-derivation": "only meaningful when pushed by a server; the key derivation (TLS-EKM "
+                      "or the OpenVPN PRF) is negotiated through IV_PROTO as in 2.6",
+    "mute-replay-warnings": "replayed packets are dropped and counted by the data channel, "
+                            "never logged per packet",
+    "auth-nocache": "the password comes from the auth-user-pass file (ovpnctl cannot prompt), "
+                    "which stays on disk; keeping it in memory for renegotiations exposes "
+                    "nothing the file does not, and OpenVPN re-reads that file anyway",
+    "sndbuf": "only tunes throughput: the kernel / engine owns the data socket and the "
+              "daemon sizes its control socket buffer itself",
+    "rcvbuf": "only tunes throughput: the kernel / engine owns the data socket and the "
+              "daemon sizes its control socket buffer itself",
+    "fast-io": "only tunes throughput: the event loop is always non-blocking",
+    "ping-timer-rem": "only matters for a p2p peer listening without a remote, which "
+                      "bsd_ovpn does not run; server timers run per connected client",
+    "tun-ipv6": "IPv6 in the tunnel is always enabled (a no-op in OpenVPN 2.6 too)",
+    "txqueuelen": "only tunes throughput: the interface queue length stays at the system "
+                  "default",
+    "route-delay": "a Windows DHCP work-around; routes are added once the tunnel is up",
+    "block-outside-dns": "Windows-only (OpenVPN ignores it elsewhere too)",
+    "register-dns": "Windows-only (OpenVPN ignores it elsewhere too)",
+    "suppress-timestamps": "logging goes through Python logging, which formats the time",
+    "machine-readable-output": "logging goes through Python logging; use ovpnctl status --json",
+}
+
+#: Parsed and validated here, but ovpnctl does not act on them yet: a config that uses
+#: them with an effect (see _not_yet_active) fails to load with "not supported yet by
+#: ovpnctl".  Whoever implements the behaviour deletes the entry in the same change
+#: (tests/unit/test_config.py lists these cases).
+NOT_YET_SUPPORTED: dict[str, str] = {
+    "username-as-common-name": "the server does not yet use the auth-user-pass username as "
+                               "the client's common name",
+    "ifconfig-pool-persist": "the server does not yet read or write the pool persistence "
+                             "file; addresses are handed out afresh at each start",
+    "reneg-bytes": "byte-count renegotiation is not implemented yet (only reneg-sec and the "
+                   "data channel's packet-counter ROTATE_KEY)",
+    "reneg-pkts": "packet-count renegotiation is not implemented yet (only reneg-sec and "
+                  "the data channel's packet-counter ROTATE_KEY)",
+    "ping-exit": "the client does not yet exit after the ping-exit timeout (use "
+                 "ping-restart / keepalive)",
+    "pull-filter": "the client does not yet filter pushed options",
+    "persist-remote-ip": "the client resolves the remote again on every reconnect",
+    "bind": "'bind ipv6only' is not implemented: a udp6 server socket is dual-stack",
 }
 
 #: Known OpenVPN directives that bsd_ovpn refuses, with the reason.
@@ -90,6 +123,11 @@ UNSUPPORTED_DIRECTIVES: dict[str, str] = {
     "shaper": "traffic shaping is not supported",
     "inetd": "inetd mode is not supported",
     "chroot": "chroot is not supported",
+    "tls-crypt-v2-verify": "running a script on a client's tls-crypt-v2 key metadata before "
+                           "accepting it is not implemented (script hooks are not supported); "
+                           "remove it only if every holder of a client key may connect",
+    "auth-gen-token": "server-generated session tokens are not implemented; clients re-send "
+                      "their username/password at each renegotiation instead",
     "ncp-disable": "removed in OpenVPN 2.6",
     "connection": "<connection> blocks are not supported; use several remote lines",
     "tcp-nodelay": "TCP is not supported",
@@ -239,6 +277,17 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class PoolPersist:
+    """``ifconfig-pool-persist FILE [SECONDS]``: CN -> address file, rewritten every SECONDS.
+
+    ``seconds == 0`` means the file is only read (OpenVPN: "treated as read-only").
+    """
+
+    path: str
+    seconds: int = 600
+
+
+@dataclass(frozen=True)
 class TLSWrapSettings:
     """tls-auth or tls-crypt: the key and (tls-auth only) the key direction."""
 
@@ -320,7 +369,7 @@ class Config:
     ifconfig_ipv6: tuple[str, str] | None = None      # ("addr/bits", remote)
     ifconfig_pool: Pool | None = None
     ifconfig_ipv6_pool: str | None = None             # "base/bits"
-    ifconfig_pool_persist: tuple[str, int] | None = None
+    ifconfig_pool_persist: PoolPersist | None = None
     push_ifconfig_constraint: tuple[str, str] | None = None
     push: list[str] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
@@ -360,7 +409,6 @@ class Config:
     tls_crypt: TLSWrapSettings | None = None
     key_direction: int | None = None
     tls_crypt_v2: TLSCryptV2Settings | None = None
-    tls_crypt_v2_verify: str | None = None
     ca: Material | None = None
     cert: Material | None = None
     key: Material | None = None
@@ -382,7 +430,6 @@ class Config:
     auth_user_pass_verify: AuthUserPassVerify | None = None
     username_as_common_name: bool = False
     auth_retry: str = "none"
-    auth_gen_token: list[str] | None = None
     # process
     user: str | None = None
     group: str | None = None
@@ -395,6 +442,9 @@ class Config:
     verb: int = 1
     mute: int = 0
     persist_tun: bool = False
+    persist_remote_ip: bool = False
+    bind_ipv6only: bool = False
+    push_peer_info: bool = False
     disable_dco: bool = False
     allow_compression: str = "no"
     script_security: int = 1
@@ -637,7 +687,11 @@ class _Parser:
             if len(args) < 2:
                 raise ctx.error("setenv opt needs a directive")
             sub = _Ctx(ctx.path, ctx.line, args[1], False)
-            if args[1] not in _HANDLERS and args[1] not in NOOP_DIRECTIVES:
+            # only *unknown* options are skipped (as in OpenVPN): one we refuse or have
+            # not implemented yet must not slip through this door silently
+            if args[1] not in _HANDLERS and args[1] not in NOOP_DIRECTIVES \
+                    and args[1] not in UNSUPPORTED_DIRECTIVES \
+                    and args[1] not in _CCD_HANDLERS:
                 log.warning("%s:%d: ignoring unknown option %s (setenv opt)",
                             ctx.path, ctx.line, args[1])
                 return
@@ -723,17 +777,52 @@ for _n, _a in [("client-to-client", "client_to_client"), ("username-as-common-na
                ("ccd-exclusive", "ccd_exclusive"), ("float", "float_peer"),
                ("route-nopull", "route_nopull"), ("multihome", "multihome"),
                ("tls-server", "tls_server"), ("tls-client", "tls_client"), ("pull", "pull"),
-               ("client", "client")]:
+               ("client", "client"), ("persist-remote-ip", "persist_remote_ip"),
+               ("push-peer-info", "push_peer_info")]:
     _flag(_n, _a)
 
 for _n, _a, _p in [("user", "user", False), ("group", "group", False),
-                   ("tls-cipher", "tls_cipher", False),
-                   ("tls-ciphersuites", "tls_ciphersuites", False),
-                   ("tls-groups", "tls_groups", False),
-                   ("remote-cert-eku", "remote_cert_eku", False),
-                   ("tls-crypt-v2-verify", "tls_crypt_v2_verify", False),
-                   ("writepid", "writepid", True), ("tls-version-max", "tls_version_max", False)]:
+                   ("writepid", "writepid", True)]:
     _string(_n, _a, _p)
+
+
+def _tls_policy(name: str, attr: str, check_name: str) -> None:
+    """tls-cipher / tls-ciphersuites / tls-groups / remote-cert-eku: checked by OpenSSL now.
+
+    The TLS layer converts the same strings again when it builds its context;
+    checking here makes a typo a config error with file and line instead of a
+    failure at the first handshake.
+    """
+    def h(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
+        from bsd_ovpn.proto import tls as _tls    # lazily: OpenSSL only when used
+        try:
+            getattr(_tls, check_name)(a[0])
+        except _tls.TLSConfigError as exc:
+            msg = str(exc)
+            if msg.startswith(name):
+                msg = msg[len(name):].lstrip(": ")
+            raise ctx.error(msg) from None
+        setattr(p.cfg, attr, a[0])
+    _directive(name, 1, 1)(h)
+
+
+_tls_policy("tls-cipher", "tls_cipher", "openssl_cipher_list")
+_tls_policy("tls-ciphersuites", "tls_ciphersuites", "openssl_ciphersuites")
+_tls_policy("tls-groups", "tls_groups", "openssl_groups")
+_tls_policy("remote-cert-eku", "remote_cert_eku", "check_remote_cert_eku")
+
+
+@_directive("tls-version-max", 1, 1)
+def _d_tls_version_max(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
+    p.cfg.tls_version_max = _choice(ctx, a[0], ("1.0", "1.1", "1.2", "1.3"), "version")
+
+
+@_directive("bind", 0, 1)
+def _d_bind(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
+    # plain "bind" is the default (nobind turns it off); only ipv6only changes anything
+    if a:
+        _choice(ctx, a[0], ("ipv6only",), "argument")
+        p.cfg.bind_ipv6only = True
 
 
 @_directive("log", 1, 1)
@@ -908,8 +997,11 @@ def _d_ifconfig_ipv6_pool(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
 
 @_directive("ifconfig-pool-persist", 1, 2)
 def _d_pool_persist(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
-    p.cfg.ifconfig_pool_persist = (p.resolve(a[0]),
-                                   _int(ctx, a[1], 0, 1 << 30, "seconds") if len(a) > 1 else 600)
+    path = p.resolve(a[0])
+    if os.path.isdir(path):
+        raise ctx.error(f"{path} is a directory, not a file")
+    p.cfg.ifconfig_pool_persist = PoolPersist(
+        path, _int(ctx, a[1], 0, 1 << 30, "seconds") if len(a) > 1 else 600)
 
 
 @_directive("push", 1, 1)
@@ -972,10 +1064,29 @@ def _d_dhcp_option(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
     p.cfg.dhcp_options.append(list(a))
 
 
+PULL_FILTER_ACTIONS = ("accept", "ignore", "reject")
+
+
 @_directive("pull-filter", 2, 2)
 def _d_pull_filter(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
-    p.cfg.pull_filters.append((_choice(ctx, a[0], ("accept", "ignore", "reject"), "action"),
-                               a[1]))
+    if not a[1]:
+        raise ctx.error("empty text would match every pushed option")
+    p.cfg.pull_filters.append((_choice(ctx, a[0], PULL_FILTER_ACTIONS, "action"), a[1]))
+
+
+def pull_filter_action(filters: list[tuple[str, str]], option: str) -> str:
+    """What ``pull-filter`` lines say about one pushed option: accept, ignore or reject.
+
+    OpenVPN's rule: the option text (leading white space skipped) is compared
+    with each filter's text as a prefix, in config order; the first match
+    decides; no match accepts.  ``reject`` means the client must drop the
+    connection and reconnect ("offending option received from server").
+    """
+    text = option.lstrip(" \t\n\v\f\r")
+    for action, prefix in filters:
+        if text.startswith(prefix):
+            return action
+    return "accept"
 
 
 @_directive("client-config-dir", 1, 1)
@@ -1206,11 +1317,6 @@ def _d_auth_retry(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
     p.cfg.auth_retry = _choice(ctx, a[0], ("none", "nointeract", "interact"), "value")
 
 
-@_directive("auth-gen-token", 0, 4)
-def _d_auth_gen_token(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
-    p.cfg.auth_gen_token = list(a)
-
-
 @_directive("status", 1, 2)
 def _d_status(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
     p.cfg.status = StatusFile(p.resolve(a[0]),
@@ -1314,6 +1420,63 @@ class _Post:
         if c.cipher in DATA_CIPHERS and c.cipher not in c.data_ciphers \
                 and not self.p.explicit_data_ciphers:
             c.data_ciphers.append(c.cipher)
+        self.tls_versions()
+        self.client_server_only()
+        self.not_yet_supported()
+
+    def tls_versions(self) -> None:
+        """tls-version-min/max: a range with at least one version bsd_ovpn speaks (1.2, 1.3).
+
+        ``tls-version-min 1.0`` / ``1.1`` are honoured as 1.2 (we never speak
+        less), which only refuses peers OpenVPN 2.6 would refuse by default too.
+        """
+        c = self.cfg
+        if c.tls_version_max is None:
+            return
+        if c.tls_version_max in ("1.0", "1.1"):
+            raise self.error("tls-version-max", f"{c.tls_version_max} is below TLS 1.2, the "
+                             "oldest version bsd_ovpn speaks")
+        # ("or-highest" only lowers min to what the TLS library can do: 1.3 here, so
+        # it never resolves a min above max)
+        lo = c.tls_version_min or "1.2"
+        if float(c.tls_version_max) < float(lo):
+            raise self.error_first(("tls-version-max", "tls-version-min"),
+                                   f"tls-version-max {c.tls_version_max} is below "
+                                   f"tls-version-min {lo}: no TLS version is left")
+
+    def client_server_only(self) -> None:
+        c = self.cfg
+        for d, active in (("username-as-common-name", c.username_as_common_name),
+                          ("ifconfig-pool-persist", c.ifconfig_pool_persist is not None)):
+            if active and c.mode != "server":
+                raise self.error(d, "only valid in a server (mode server)")
+        for d, active in (("pull-filter", bool(c.pull_filters)),
+                          ("persist-remote-ip", c.persist_remote_ip)):
+            if active and not c.tls_client:
+                raise self.error(d, "only valid on a client")
+        if c.pull_filters and not c.pull:
+            raise self.error("pull-filter", "needs pull (or client): there is nothing pushed "
+                             "to filter")
+        uv = sorted(k for k in c.setenv if k.startswith("UV_"))
+        if c.push_peer_info and uv:
+            raise self.error("push-peer-info", f"sending setenv UV_ variables ({', '.join(uv)}) "
+                             "in peer-info is not supported; remove push-peer-info or them")
+
+    def not_yet_supported(self) -> None:
+        c = self.cfg
+        active = {
+            "username-as-common-name": c.username_as_common_name,
+            "ifconfig-pool-persist": c.ifconfig_pool_persist is not None,
+            "reneg-bytes": c.reneg_bytes > 0,
+            "reneg-pkts": c.reneg_pkts > 0,
+            "ping-exit": c.ping_exit > 0,
+            "pull-filter": bool(c.pull_filters),
+            "persist-remote-ip": c.persist_remote_ip,
+            "bind": c.bind_ipv6only,
+        }
+        for d, reason in NOT_YET_SUPPORTED.items():
+            if active.get(d, d in c.origins):
+                raise self.error(d, f"not supported yet by ovpnctl: {reason}")
 
     def tls_auth(self) -> None:
         raw = self.p.tls_auth_raw

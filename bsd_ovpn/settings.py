@@ -10,11 +10,18 @@ from typing import Any
 
 from bsd_ovpn.errors import ConfigError
 from bsd_ovpn.proto.session import SessionSettings
-from bsd_ovpn.proto.tls import TLSConfig
+from bsd_ovpn.proto.tls import TLSConfig, TLSConfigError
 
 
 def tls_config_from(cfg: Any) -> Any:
-    """TLSConfig from a parsed config's ca/cert/key/crl/verification directives."""
+    """TLSConfig from a parsed config's ca/cert/key/crl/verification directives.
+
+    Every TLS directive the config parser accepts is passed on here
+    (remote-cert-tls/-eku, verify-x509-name, verify-client-cert,
+    tls-version-min/-max, tls-cipher, tls-ciphersuites, tls-groups): one that
+    stopped at the parser would be silently ignored.  ``tls-version-min 1.0``
+    / ``1.1`` become 1.2, the oldest version bsd_ovpn speaks.
+    """
     if cfg.ca is None:
         raise ConfigError("no ca given (ca file or <ca> block)", cfg.path)
     cert = cfg.cert.read() if cfg.cert is not None else None
@@ -24,12 +31,18 @@ def tls_config_from(cfg: Any) -> Any:
     if cfg.verify_x509_name is not None:
         vxn = (cfg.verify_x509_name.name, cfg.verify_x509_name.type)
     tls_min = (cfg.tls_version_min or "1.2").split()[0]
-    return TLSConfig(ca=cfg.ca.read(), cert=cert,
-                     key=cfg.key.read() if cfg.key is not None else None,
-                     crl=[cfg.crl_verify.read()] if cfg.crl_verify is not None else (),
-                     verify_x509_name=vxn, remote_cert_tls=cfg.remote_cert_tls,
-                     tls_version_min=tls_min if tls_min in ("1.2", "1.3") else "1.2",
-                     verify_client_cert=cfg.verify_client_cert)
+    try:
+        return TLSConfig(ca=cfg.ca.read(), cert=cert,
+                         key=cfg.key.read() if cfg.key is not None else None,
+                         crl=[cfg.crl_verify.read()] if cfg.crl_verify is not None else (),
+                         verify_x509_name=vxn, remote_cert_tls=cfg.remote_cert_tls,
+                         tls_version_min=tls_min if tls_min in ("1.2", "1.3") else "1.2",
+                         verify_client_cert=cfg.verify_client_cert,
+                         remote_cert_eku=cfg.remote_cert_eku,
+                         tls_version_max=cfg.tls_version_max, tls_cipher=cfg.tls_cipher,
+                         tls_ciphersuites=cfg.tls_ciphersuites, tls_groups=cfg.tls_groups)
+    except TLSConfigError as exc:
+        raise ConfigError(str(exc), cfg.path) from None
 
 
 def client_settings_from(cfg: Any) -> SessionSettings:

@@ -12,6 +12,8 @@ import sys
 from bsd_ovpn.testbed.hosts import Host
 
 FREEBSD = sys.platform.startswith("freebsd")
+#: The loopback interface's name (a network "behind" a client lives there).
+LOOPBACK = "lo0" if FREEBSD else "lo"
 
 
 def del_address(host: Host, ifname: str, cidr: str) -> None:
@@ -53,8 +55,8 @@ def ping_from(host: Host, src: str, dst: str, count: int = 1, timeout: float = 5
     """Ping with a chosen source address (route_to needs the tunnel address as source)."""
     v6 = ipaddress.ip_address(dst).version == 6
     if FREEBSD:
-        argv = ["ping6" if v6 else "ping", "-c", str(count), "-S", src,
-                "-t" if not v6 else "-X", str(int(timeout)), dst]
+        argv = ["ping", "-6" if v6 else "-4", "-c", str(count), "-S", src,
+                *([] if v6 else ["-t", str(int(timeout))]), dst]
     else:
         argv = ["ping", "-6" if v6 else "-4", "-c", str(count), "-W", "1",
                 "-w", str(int(timeout)), "-I", src, dst]

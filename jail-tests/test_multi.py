@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import pytest
 
 from bsd_ovpn.testbed.hosts import Host, Lab
-from hostops import del_host_route, ping_from, route_via_tunnel_from, undo_route_via_tunnel
+from hostops import LOOPBACK, del_host_route, ping_from, route_via_tunnel_from, undo_route_via_tunnel
 from scenario import OURS, STOCK, Scenario, assert_pings
 
 pytestmark = [pytest.mark.netns, pytest.mark.openvpn]
@@ -66,7 +66,7 @@ def net(_testbed_stale_cleanup: None) -> Iterator[Net]:
         lab.link(srv, lan, f"{SRV_LAN}/26", f"{LAN}/26")
         lan.add_route("default", via=SRV_LAN)
         one_void_if, _ = lab.link(one, void, "192.0.2.225/27", "192.0.2.226/27")
-        two.add_address("lo", f"{BEHIND_TWO}/26")
+        two.add_address(LOOPBACK, f"{BEHIND_TWO}/26")
         assert one.ping(SRV, timeout=5) and two.ping(SRV, timeout=5) and srv.ping(LAN, timeout=5)
         yield Net(srv, one, two, lan, void, one_void_if)
     finally:
@@ -138,12 +138,27 @@ def test_multi_client(net: Net, scenario: Scenario, kinds: tuple[str, str, str])
 @pytest.mark.parametrize("kinds", KINDS)
 def test_ra_remote_access(net: Net, scenario: Scenario, kinds: tuple[str, str, str]) -> None:
     """FreeBSD's "ra": a LAN behind the server and the clients reach each other."""
-    deploy(scenario, net, kinds)
+    d = deploy(scenario, net, kinds)
     for c in (net.one, net.two):
         assert_pings(c, [SRV_LAN, LAN], count=1, why="(pushed route to the server's LAN)")
     assert_pings(net.lan, [VPN_SRV, VPN_ONE, VPN_TWO], count=1, why="(LAN -> clients)")
     assert not net.lan.ping(VPN_FREE, count=1, timeout=2), "an unused tunnel address answered"
     assert ping_from(net.srv, SRV_LAN, VPN_ONE) and ping_from(net.srv, SRV_LAN, VPN_TWO)
+    assert_views(scenario, d)
+
+
+def assert_views(scenario: Scenario, d: Deployment, min_packets: int = 2) -> None:
+    """Both clients listed by the server with their addresses; our peers counted traffic."""
+    clients = {c["common_name"]: c for c in scenario.clients(d.server)}
+    assert {n: c["vpn_ipv4"] for n, c in clients.items()} == {"one": VPN_ONE, "two": VPN_TWO}
+    if d.kinds[0] == OURS:
+        for c in d.server.clients():
+            assert c["packets_in"] >= min_packets and c["packets_out"] >= min_packets, c
+    for cli in (d.one, d.two):
+        if cli.__class__.__name__ == "OvpnctlDaemon":
+            st = cli.status()
+            assert st["state"] == "connected", st
+            assert st["clients"][0]["packets_in"] >= min_packets, st
 
 
 @pytest.mark.parametrize("kinds", KINDS)
@@ -160,6 +175,7 @@ def test_route_to(net: Net, scenario: Scenario, kinds: tuple[str, str, str]) -> 
     route_via_tunnel_from(net.one, VPN_ONE, SRV_TUN_ALIAS, tun_name(d.one), VPN_SRV)
     try:
         assert ping_from(net.one, VPN_ONE, SRV_TUN_ALIAS, count=3, timeout=10)
+        assert_views(scenario, d)
     finally:
         undo_route_via_tunnel(net.one)
         del_host_route(net.one, SRV_TUN_ALIAS)

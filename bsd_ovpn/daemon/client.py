@@ -248,7 +248,23 @@ class ClientDaemon:
         elif isinstance(e, ev.InfoReceived):
             log.info("server %s: %s", e.kind, e.text)
         elif isinstance(e, ev.ConnectionTerminated):
+            self._ack_goodbye(s, e, now)
             self._ended(e, now)
+
+    def _ack_goodbye(self, s: Session, e: ev.ConnectionTerminated, now: float) -> None:
+        """Acknowledge the server's RESTART/EXIT/HALT before forgetting the session.
+
+        Stock clients restart without it and the server gives up after a short
+        linger; the ACK lets it forget us (and DEL_PEER) at once instead.
+        """
+        if e.reason not in ("restart", "exit", "halt") or self.sock is None \
+                or self.remote is None:
+            return
+        for data in s.datagrams_to_send(now):
+            try:
+                self.send(self.sock, data, self.remote)
+            except OSError as exc:
+                log.debug("sendto %s: %s", format_addr(self.remote), exc)
 
     def _bring_up(self, s: Session, now: float) -> None:
         """After PUSH_REPLY + first keys: dco spec §4.3, in OpenVPN's order."""

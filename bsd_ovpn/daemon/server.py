@@ -75,6 +75,39 @@ class AddressPool:
                          if cfg.ifconfig_ipv6 is not None else None)
         self._v4_used: dict[int, ipaddress.IPv4Address] = {}
         self._v6_used: dict[int, ipaddress.IPv6Address] = {}
+        # lowest-free-first in O(1) amortised (1000 clients at once): addresses in use
+        # (as ints, counted: a ccd address may be shared) and an index below which
+        # every pool address is in use
+        self._taken: dict[int, int] = {}
+        self._v4_hint = 0
+        self._v6_hint = 0
+        self._v6_size = 0
+        if self.v6_base is not None:
+            last = int(self.v6_base.network.broadcast_address)
+            self._v6_size = max(0, min(65536, last - int(self.v6_base.ip) + 1))
+
+    def _take(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        k = (ip.version << 128) | int(ip)
+        self._taken[k] = self._taken.get(k, 0) + 1
+
+    def _is_taken(self, version: int, ip: int) -> bool:
+        return ((version << 128) | ip) in self._taken
+
+    def _put_back(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        k = (ip.version << 128) | int(ip)
+        n = self._taken.get(k, 0) - 1
+        if n > 0:
+            self._taken[k] = n
+            return
+        self._taken.pop(k, None)
+        if ip.version == 4 and self.v4:
+            i = int(ip) - int(self.v4[0])
+            if 0 <= i < len(self.v4):
+                self._v4_hint = min(self._v4_hint, i)
+        elif ip.version == 6 and self.v6_base is not None:
+            i = int(ip) - int(self.v6_base.ip)
+            if 0 <= i < self._v6_size:
+                self._v6_hint = min(self._v6_hint, i)
 
     def allocate(self, peer_id: int, fixed4: ipaddress.IPv4Address | None = None,
                  fixed6: ipaddress.IPv6Address | None = None
@@ -82,30 +115,36 @@ class AddressPool:
         if peer_id not in self._v4_used:
             ip4 = fixed4
             if ip4 is None and self.v4:
-                taken = set(self._v4_used.values())
-                ip4 = next((a for a in self.v4 if a not in taken), None)
-                if ip4 is None:
+                i, first = self._v4_hint, int(self.v4[0])
+                while i < len(self.v4) and self._is_taken(4, first + i):
+                    i += 1
+                if i >= len(self.v4):
                     raise DaemonError(f"IPv4 address pool exhausted ({len(self.v4)} addresses)")
+                self._v4_hint = i + 1
+                ip4 = self.v4[i]
             if ip4 is not None:
                 self._v4_used[peer_id] = ip4
+                self._take(ip4)
         if peer_id not in self._v6_used:
             ip6 = fixed6
             if ip6 is None and self.v6_base is not None:
-                taken6 = set(self._v6_used.values())
-                base = int(self.v6_base.ip)
-                net = self.v6_base.network
-                ip6 = next((ipaddress.IPv6Address(base + i) for i in range(0, 65536)
-                            if ipaddress.IPv6Address(base + i) not in taken6
-                            and ipaddress.IPv6Address(base + i) in net), None)
-                if ip6 is None:
+                i, base = self._v6_hint, int(self.v6_base.ip)
+                while i < self._v6_size and self._is_taken(6, base + i):
+                    i += 1
+                if i >= self._v6_size:
                     raise DaemonError("IPv6 address pool exhausted")
+                self._v6_hint = i + 1
+                ip6 = ipaddress.IPv6Address(base + i)
             if ip6 is not None:
                 self._v6_used[peer_id] = ip6
+                self._take(ip6)
         return self._v4_used.get(peer_id), self._v6_used.get(peer_id)
 
     def release(self, peer_id: int) -> None:
-        self._v4_used.pop(peer_id, None)
-        self._v6_used.pop(peer_id, None)
+        for used in (self._v4_used, self._v6_used):
+            ip = used.pop(peer_id, None)
+            if ip is not None:
+                self._put_back(ip)
 
 
 # --------------------------------------------------------------------------- per client
@@ -311,8 +350,20 @@ class ServerDaemon:
     def _add_peer(self, rec: ClientRecord) -> None:
         """NEW_PEER + SET_PEER (dco spec §4.2 steps 2-3)."""
         self._allocate(rec)
-        self.dc.new_peer(rec.peer_id, rec.addr, vpn_ipv4=rec.vpn_ipv4, vpn_ipv6=rec.vpn_ipv6)
+        self.dc.new_peer(rec.peer_id, rec.addr, vpn_ipv4=rec.vpn_ipv4, vpn_ipv6=rec.vpn_ipv6,
+                         local=self._peer_local(rec.peer_id))
         self.dc.set_keepalive(rec.peer_id, self.cfg.ping, self.cfg.ping_restart)
+
+    def _peer_local(self, peer_id: int) -> Any:
+        """multihome: NEW_PEER's ``local`` = the address the client talks to (port 0: the
+        socket's), so the data channel answers from it too, as OpenVPN does."""
+        if not self.cfg.multihome:
+            return None
+        local = self.endpoint.local_for(peer_id)
+        to_sockaddr = getattr(local, "sockaddr_for", None)
+        if to_sockaddr is None:
+            return None
+        return to_sockaddr(getattr(self.sock, "family", socket.AF_INET))
 
     def _add_iroutes(self, rec: ClientRecord) -> None:
         """iroutes become routes via the client's VPN address (dco spec §4.2 step 5)."""
@@ -441,7 +492,7 @@ class ServerDaemon:
         pid = session.peer_id if session.peer_id is not None else -1
         rec = self.records.get(pid)
         if rec is None:
-            addr = next((a for p, a, _s in self.endpoint.clients() if p == pid), None)
+            addr = self.endpoint.client_addr(pid)
             rec = self.records[pid] = ClientRecord(pid, addr, session,
                                                    session.peer_common_name)
         self._allocate(rec)
@@ -731,12 +782,47 @@ def run_auth_script(command: str, method: str, username: str, password: str,
 
 # --------------------------------------------------------------------------- real I/O
 
-def bind_address(cfg: configmod.Config) -> tuple[str, int]:
-    """Where the server listens: ``local``/``lport``/``port``; udp6 binds dual-stack ``::``."""
+def bind_address(cfg: configmod.Config) -> tuple:
+    """Where the server listens: ``local``/``lport``/``port``; udp6 binds dual-stack ``::``.
+
+    A scoped link-local ``local fe80::a%eth0`` becomes ``(ip, port, 0, scope_id)``:
+    bind() does not read the ``%scope`` text, getaddrinfo() does.
+    """
     port = cfg.lport or cfg.port
     if cfg.local:
+        if "%" in cfg.local:
+            try:
+                info = socket.getaddrinfo(cfg.local, port, socket.AF_INET6, socket.SOCK_DGRAM)
+            except socket.gaierror as exc:
+                raise DaemonError(f"local {cfg.local}: cannot resolve the scoped address "
+                                  f"({exc.strerror})") from exc
+            host, _port, flow, scope = info[0][4][:4]
+            return (host.split("%", 1)[0], port, flow, scope)
         return (cfg.local, port)
     return ("::", port) if cfg.proto == "udp6" else ("0.0.0.0", port)
+
+
+#: the control socket's receive buffer: a burst of ~2500 small datagrams (1000 clients'
+#: resets at once) while the loop is busy in TLS.  Linux's 208 KiB default holds ~250, and
+#: each one dropped costs its client a 2-4-8 s retransmission back-off.
+CONTROL_RCVBUF = 2 << 20
+
+
+def _size_receive_buffer(sock: socket.socket) -> None:
+    """Ask for CONTROL_RCVBUF; as root beyond net.core.rmem_max (SO_RCVBUFFORCE, Linux)."""
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= CONTROL_RCVBUF:
+            return
+        force = getattr(socket, "SO_RCVBUFFORCE", 33 if os.uname().sysname == "Linux" else None)
+        if force is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, CONTROL_RCVBUF)
+                return
+            except OSError:
+                pass                         # not root: the capped one below
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CONTROL_RCVBUF)
+    except OSError as exc:
+        log.debug("SO_RCVBUF %d: %s", CONTROL_RCVBUF, exc)
 
 
 def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | None = None,
@@ -760,6 +846,14 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
         except OSError as exc:
             raise DaemonError(f"cannot bind UDP {local[0]}:{local[1]}: {exc.strerror}") from exc
         sock.setblocking(False)
+        _size_receive_buffer(sock)
+        multihome = bool(cfg.multihome)
+        if multihome:
+            from bsd_ovpn.daemon import pktinfo
+            try:
+                pktinfo.enable(sock)
+            except OSError as exc:
+                raise DaemonError(f"multihome: cannot ask for packet info: {exc}") from exc
 
         def send(data: bytes, addr: Addr) -> None:
             try:
@@ -769,17 +863,26 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
             except OSError as exc:
                 log.debug("sendto %s: %s", addr, exc)
 
+        def send_from(data: bytes, addr: Addr, local: Any) -> None:
+            try:
+                pktinfo.send(sock, data, addr, local)
+            except (BlockingIOError, InterruptedError):
+                log.debug("UDP send buffer full; control packet to %s dropped", addr)
+            except OSError as exc:
+                log.debug("sendmsg %s from %s: %s", addr, local, exc)
+
         daemon = ServerDaemon(cfg, ifc=ifc, sock=sock, send=send, engine=engine_kind(transport),
-                              call_soon=loop.call_soon_threadsafe)
+                              call_soon=loop.call_soon_threadsafe,
+                              send_from=send_from if multihome else None)
         daemon.setup_interface()
         control = ControlServer(control_socket or default_socket_path(config_path),
                                 lambda req: {})
 
         def on_udp() -> None:
-            from bsd_ovpn.daemon.loop import read_datagrams
+            from bsd_ovpn.daemon.loop import read_datagrams_from
             now = loop.clock()
-            for data, addr in read_datagrams(sock):
-                daemon.datagram_received(data, addr, now)
+            # the whole batch, then one pump: O(1) work per datagram at any client count
+            daemon.datagrams_received(read_datagrams_from(sock, pktinfo=multihome), now)
             daemon.handle_notifications(now)      # every wake-up, EAGAIN included
 
         loop.add_reader(sock, on_udp)

@@ -208,18 +208,33 @@ class EngineDaemon:
                 raise RuntimeError(f"an engine is already running at {socket_path}")
             finally:
                 probe.close()
+        # The socket file appears only once it accepts connections: bound and
+        # listening under a temporary name, then renamed into place.  Whoever
+        # waits for the file (tests, service managers) could otherwise connect
+        # between bind() and listen() and get ECONNREFUSED.
+        staging = os.path.join(os.path.dirname(os.path.abspath(socket_path)),
+                               f".engine-{os.getpid()}-{os.urandom(3).hex()}.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o177)
         try:
-            self.listener.bind(socket_path)
-        finally:
-            os.umask(old)
-        if gid is not None:
-            os.chown(socket_path, 0, gid)
-            os.chmod(socket_path, 0o660)
-        else:
-            os.chmod(socket_path, 0o600)
-        self.listener.listen(16)
+            if os.path.lexists(staging):
+                os.unlink(staging)
+            old = os.umask(0o177)
+            try:
+                self.listener.bind(staging)
+            finally:
+                os.umask(old)
+            if gid is not None:
+                os.chown(staging, 0, gid)
+                os.chmod(staging, 0o660)
+            else:
+                os.chmod(staging, 0o600)
+            self.listener.listen(16)
+            os.rename(staging, socket_path)
+        except BaseException:
+            self.listener.close()
+            if os.path.lexists(staging):
+                os.unlink(staging)
+            raise
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
 

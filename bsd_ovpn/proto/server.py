@@ -139,6 +139,11 @@ class ServerEndpoint:
             self._touched[c] = None
         return [(c.peer_id, c.addr, c.session) for c in self._clients.values()]
 
+    def client_addr(self, peer_id: int) -> Addr | None:
+        """Where ``peer_id``'s control packets come from (None: no such client)."""
+        c = self._by_peer_id.get(peer_id)
+        return c.addr if c is not None else None
+
     def local_for(self, peer_id: int) -> Any:
         """The server address ``peer_id`` last sent to (``receive_datagram``'s ``local``)."""
         c = self._by_peer_id.get(peer_id)

@@ -14,6 +14,7 @@ clients has one context).
 """
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from bsd_ovpn.errors import LocalProtocolError, RemoteProtocolError, ValidationE
 
 __all__ = [
     "MAX_WRITE", "TLSChannel", "TLSConfig", "TLSConfigError", "TLSError", "VerifyX509Name",
-    "format_subject",
+    "check_remote_cert_eku", "format_subject", "openssl_cipher_list", "openssl_ciphersuites",
+    "openssl_groups",
 ]
 
 #: One control message / KM2 must fit OpenVPN's 2048-byte TLS read buffer.
@@ -54,12 +56,20 @@ _VERIFY_ERRORS = {
     20: "unable to get local issuer certificate", 21: "unable to verify the first certificate",
     23: "certificate revoked", 24: "invalid CA certificate", 26: "unsupported certificate purpose",
 }
+# pyOpenSSL 26 has no wrappers for three OpenSSL calls we need, so this module
+# (and only this one) reaches the raw binding through ``OpenSSL._util``:
+#   X509_verify_cert_error_string  - the text of a verify error code;
+#   SSL_CTX_set1_curves_list       - OpenVPN's --tls-groups (the same ctrl as
+#                                    SSL_CTX_set1_groups_list in OpenSSL 3);
+#   OBJ_txt2nid / OBJ_nid2ln       - OpenSSL's long names of EKU OIDs, which is
+#                                    what OpenVPN's --remote-cert-eku compares.
+# Each use checks that the symbol exists and fails with a clear message if not.
 try:  # pragma: no branch - depends on the installed binding
     from OpenSSL._util import ffi as _ffi
     from OpenSSL._util import lib as _lib
-    _verify_error_string = _lib.X509_verify_cert_error_string
-except (ImportError, AttributeError):  # pragma: no cover
-    _verify_error_string = None
+except ImportError:  # pragma: no cover
+    _ffi = _lib = None
+_verify_error_string = getattr(_lib, "X509_verify_cert_error_string", None)
 
 
 def _verify_error(errnum: int) -> str:
@@ -148,6 +158,171 @@ def _as_verify_name(value: Any) -> VerifyX509Name | None:
                          f"got {value!r}")
 
 
+# --------------------------------------------------------------------------- EKU
+
+_DOTTED_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]{0,18})){1,63}")
+
+
+def _openssl_long_name(text: str) -> str | None:
+    """OpenSSL's long name for an OID (dotted) or object name, ``None`` if unknown."""
+    if _lib is None or not hasattr(_lib, "OBJ_txt2nid") or not hasattr(_lib, "OBJ_nid2ln"):
+        raise TLSConfigError("remote-cert-eku needs OBJ_txt2nid/OBJ_nid2ln, which this "
+                             "pyOpenSSL binding does not expose")
+    nid = _lib.OBJ_txt2nid(text.encode("ascii"))
+    if nid == _lib.NID_undef:
+        return None
+    ln = _lib.OBJ_nid2ln(nid)
+    return _ffi.string(ln).decode("ascii", "replace") if ln != _ffi.NULL else None
+
+
+def check_remote_cert_eku(value: str) -> str:
+    """Validate ``--remote-cert-eku``: a dotted OID or an OpenSSL long name.
+
+    OpenVPN compares the expected text with each of the peer's EKU OIDs
+    printed both as OpenSSL's long name (``TLS Web Server Authentication``)
+    and as a dotted number, so those are the only spellings that can ever
+    match.  A short name such as ``serverAuth`` would silently reject every
+    peer there; here it is an error that says what to write instead.
+    """
+    if not isinstance(value, str) or not value or "\0" in value or not value.isascii():
+        raise TLSConfigError(f"remote-cert-eku needs an OID or an OpenSSL long name, "
+                             f"got {value!r}")
+    if _DOTTED_OID.fullmatch(value):
+        return value
+    ln = _openssl_long_name(value)
+    if ln is None:
+        raise TLSConfigError(f"remote-cert-eku {value!r} is neither a dotted OID nor an "
+                             f"OpenSSL object name")
+    if ln != value:
+        raise TLSConfigError(f"remote-cert-eku {value!r}: OpenVPN compares OpenSSL's long "
+                             f"name, write '{ln}' or the dotted OID")
+    return value
+
+
+def _eku_problem(cert: x509.Certificate, want: str) -> str | None:
+    """Why ``cert``'s extendedKeyUsage lacks ``want`` (OpenVPN's --remote-cert-eku)."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return (f"peer certificate has no extendedKeyUsage extension (remote-cert-eku "
+                f"'{want}'); subject {format_subject(cert.subject)}")
+    have = []
+    for oid in eku:
+        dotted = oid.dotted_string
+        name = _openssl_long_name(dotted)
+        if want == dotted or (name is not None and want == name):
+            return None
+        have.append(f"{name} ({dotted})" if name else dotted)
+    return (f"peer certificate's extendedKeyUsage lacks '{want}' (remote-cert-eku); it has "
+            f"{', '.join(have) or 'nothing'}; subject {format_subject(cert.subject)}")
+
+
+# --------------------------------------------------------------------------- cipher policy
+
+#: OpenVPN-style (IANA) names of the ECDHE/DHE AEAD suites that --tls-cipher may use,
+#: translated into OpenSSL names; anything else must be written as OpenSSL spells it.
+_IANA_TLS12 = re.compile(r"TLS[-_](ECDHE|DHE)[-_](ECDSA|RSA)[-_]WITH[-_]"
+                         r"(AES[-_](128|256)[-_]GCM|CHACHA20[-_]POLY1305)[-_](SHA256|SHA384)")
+_TLS_VERSION_NAMES = ("1.0", "1.1", "1.2", "1.3")
+
+
+def _tls12_cipher_token(token: str) -> str:
+    m = _IANA_TLS12.fullmatch(token)
+    if m is None:
+        if token.upper().startswith(("TLS-", "TLS_")):
+            raise TLSConfigError(f"tls-cipher: cannot translate {token!r}; write it as "
+                                 f"OpenSSL names it (see 'openssl ciphers -stdname'), TLS 1.3 "
+                                 f"suites belong in tls-ciphersuites")
+        return token
+    kx, auth, bulk, bits, mac = m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
+    if bits is not None:
+        return f"{kx}-{auth}-AES{bits}-GCM-{mac}"
+    return f"{kx}-{auth}-CHACHA20-POLY1305"
+
+
+def _tls12_names(ctx: SSL.Context) -> list[str]:
+    return [n for n in SSL.Connection(ctx, None).get_cipher_list() if not n.startswith("TLS_")]
+
+
+def openssl_cipher_list(value: str) -> bytes:
+    """``--tls-cipher`` (TLS <= 1.2) as an OpenSSL cipher string, checked token by token.
+
+    OpenSSL silently drops list entries it does not know as long as one
+    matches, so a typo would quietly shrink the policy: each positive entry
+    must select at least one suite on its own, and the whole list must leave
+    at least one TLS 1.2 suite.
+    """
+    tokens = [t for t in value.split(":") if t]
+    if not tokens:
+        raise TLSConfigError("tls-cipher: empty cipher list")
+    out = []
+    for tok in tokens:
+        name = _tls12_cipher_token(tok)
+        if not name.isascii() or any(c.isspace() for c in name):
+            raise TLSConfigError(f"tls-cipher: bad entry {tok!r}")
+        if name[0] not in "!-+@":
+            probe = SSL.Context(SSL.TLS_METHOD)
+            try:
+                probe.set_cipher_list(name.encode("ascii"))
+            except SSL.Error:
+                raise TLSConfigError(f"tls-cipher: {tok!r} matches no cipher suite OpenSSL "
+                                     f"knows") from None
+            if not _tls12_names(probe):
+                raise TLSConfigError(f"tls-cipher: {tok!r} matches no TLS 1.2 cipher suite")
+        out.append(name)
+    joined = ":".join(out).encode("ascii")
+    probe = SSL.Context(SSL.TLS_METHOD)
+    try:
+        probe.set_cipher_list(joined)
+    except SSL.Error:
+        raise TLSConfigError(f"tls-cipher: {value!r} leaves no cipher suite") from None
+    if not _tls12_names(probe):
+        raise TLSConfigError(f"tls-cipher: {value!r} leaves no TLS 1.2 cipher suite")
+    return joined
+
+
+def openssl_ciphersuites(value: str) -> bytes:
+    """``--tls-ciphersuites`` (TLS 1.3), each name checked against OpenSSL's own list.
+
+    OpenVPN accepts ``TLS-AES-256-GCM-SHA384`` as well as the IANA underscores;
+    OpenSSL ignores names it does not know, so unknown ones are an error here.
+    """
+    names = [t.replace("-", "_") for t in value.split(":") if t]
+    if not names:
+        raise TLSConfigError("tls-ciphersuites: empty list")
+    for name in names:
+        probe = SSL.Context(SSL.TLS_METHOD)
+        try:
+            probe.set_tls13_ciphersuites(name.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError):
+            raise TLSConfigError(f"tls-ciphersuites: unknown TLS 1.3 suite {name!r}") from None
+        if name not in SSL.Connection(probe, None).get_cipher_list():
+            raise TLSConfigError(f"tls-ciphersuites: unknown TLS 1.3 suite {name!r} "
+                                 f"(e.g. TLS_AES_256_GCM_SHA384)")
+    return ":".join(names).encode("ascii")
+
+
+def _set_groups(ctx: SSL.Context, groups: bytes) -> bool:
+    fn = getattr(_lib, "SSL_CTX_set1_curves_list", None)
+    if fn is None:  # pragma: no cover - every OpenSSL 1.1+/3 binding has it
+        raise TLSConfigError("tls-groups needs SSL_CTX_set1_curves_list, which this "
+                             "pyOpenSSL binding does not expose")
+    return bool(fn(ctx._context, groups) == 1)  # noqa: SLF001 - see the binding note above
+
+
+def openssl_groups(value: str) -> bytes:
+    """``--tls-groups`` (key exchange groups, e.g. ``X25519:secp256r1``), each one checked."""
+    names = [t for t in value.split(":") if t]
+    if not names:
+        raise TLSConfigError("tls-groups: empty list")
+    for name in names:
+        if not name.isascii() or not _set_groups(SSL.Context(SSL.TLS_METHOD),
+                                                 name.encode("ascii")):
+            raise TLSConfigError(f"tls-groups: unknown group {name!r} (e.g. X25519, "
+                                 f"secp256r1, secp384r1, ffdhe2048)")
+    return ":".join(names).encode("ascii")
+
+
 def _pem(value: bytes | str | None) -> bytes | None:
     if value is None:
         return None
@@ -163,8 +338,12 @@ class TLSConfig:
     ``ca``, ``cert``, ``key`` and each ``crl`` are PEM (bytes or str); ``ca``
     may hold several certificates, ``cert`` may be followed by intermediates.
     ``remote_cert_tls`` is OpenVPN's ``--remote-cert-tls server|client``;
+    ``remote_cert_eku`` its ``--remote-cert-eku OID|long-name``;
     ``verify_client_cert`` its ``--verify-client-cert none|optional|require``
-    (servers only).
+    (servers only).  ``tls_version_max``, ``tls_cipher`` (TLS <= 1.2, OpenSSL
+    cipher string), ``tls_ciphersuites`` (TLS 1.3) and ``tls_groups`` are the
+    directives of the same names; ``None`` keeps our defaults (TLS 1.2-1.3,
+    ECDHE AEAD suites, OpenSSL's TLS 1.3 suites and groups).
     """
 
     ca: bytes | str
@@ -175,7 +354,15 @@ class TLSConfig:
     remote_cert_tls: str | None = None
     tls_version_min: str = "1.2"
     verify_client_cert: str = "require"
+    remote_cert_eku: str | None = None
+    tls_version_max: str | None = None
+    tls_cipher: str | None = None
+    tls_ciphersuites: str | None = None
+    tls_groups: str | None = None
     _contexts: dict[bool, SSL.Context] = field(default_factory=dict, init=False, repr=False)
+    _cipher_list: bytes = field(default=_TLS12_CIPHERS, init=False, repr=False)
+    _ciphersuites: bytes | None = field(default=None, init=False, repr=False)
+    _groups: bytes | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.verify_x509_name = _as_verify_name(self.verify_x509_name)
@@ -190,6 +377,27 @@ class TLSConfig:
                                  f"got {self.verify_client_cert!r}")
         if (self.cert is None) != (self.key is None):
             raise TLSConfigError("cert and key must be given together")
+        if self.remote_cert_eku is not None:
+            check_remote_cert_eku(self.remote_cert_eku)
+        if self.tls_version_max is not None:
+            if self.tls_version_max not in _TLS_VERSION_NAMES:
+                raise TLSConfigError(f"tls-version-max must be one of "
+                                     f"{', '.join(_TLS_VERSION_NAMES)}, got "
+                                     f"{self.tls_version_max!r}")
+            if self.tls_version_max not in _VERSIONS:
+                raise TLSConfigError(f"tls-version-max {self.tls_version_max} is below TLS 1.2, "
+                                     f"the oldest version bsd_ovpn speaks")
+            if float(self.tls_version_max) < float(self.tls_version_min):
+                raise TLSConfigError(f"tls-version-max {self.tls_version_max} is below "
+                                     f"tls-version-min {self.tls_version_min}: no TLS version "
+                                     f"is left")
+        # Convert (and so validate) the policy strings now: a bad one is a config error,
+        # not a handshake failure later.
+        self._cipher_list = openssl_cipher_list(self.tls_cipher) \
+            if self.tls_cipher is not None else _TLS12_CIPHERS
+        self._ciphersuites = openssl_ciphersuites(self.tls_ciphersuites) \
+            if self.tls_ciphersuites is not None else None
+        self._groups = openssl_groups(self.tls_groups) if self.tls_groups is not None else None
 
     def context(self, server: bool) -> SSL.Context:
         """The SSL context for this role, built on first use and then shared."""
@@ -205,8 +413,14 @@ class TLSConfig:
         ctx.set_min_proto_version(_VERSIONS[self.tls_version_min])
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET
                         | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_SINGLE_ECDH_USE)
+        if self.tls_version_max is not None:
+            ctx.set_max_proto_version(_VERSIONS[self.tls_version_max])
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)  # every key_state: full handshake
-        ctx.set_cipher_list(_TLS12_CIPHERS)
+        ctx.set_cipher_list(self._cipher_list)
+        if self._ciphersuites is not None:
+            ctx.set_tls13_ciphersuites(self._ciphersuites)
+        if self._groups is not None and not _set_groups(ctx, self._groups):
+            raise TLSConfigError(f"tls-groups {self.tls_groups!r} rejected by OpenSSL")
         store = ctx.get_cert_store()
         assert store is not None
         try:
@@ -299,6 +513,10 @@ class TLSConfig:
             except x509.ExtensionNotFound:
                 return (f"peer certificate has no keyUsage extension (remote-cert-tls {want}); "
                         f"subject {format_subject(cert.subject)}")
+        if self.remote_cert_eku is not None:
+            problem = _eku_problem(cert, self.remote_cert_eku)
+            if problem is not None:
+                return problem
         vxn = self.verify_x509_name
         if isinstance(vxn, VerifyX509Name):
             return vxn.mismatch(cert)
@@ -480,6 +698,16 @@ class TLSChannel:
     @property
     def cipher_name(self) -> str | None:
         return self._conn.get_cipher_name()
+
+    @property
+    def group_name(self) -> str | None:
+        """The key-exchange group (``X25519``, ``secp384r1``…) once negotiated."""
+        if not self.handshake_complete:
+            return None
+        try:
+            return self._conn.get_group_name()
+        except NotImplementedError:  # pragma: no cover - binding without SSL_get0_group_name
+            return None
 
     @property
     def version(self) -> str | None:

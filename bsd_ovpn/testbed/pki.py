@@ -190,13 +190,16 @@ class PKI:
     def issue(self, cn: str, *, usage: Usage = "client", expired: bool = False,
               not_yet_valid: bool = False, days: int = VALID_DAYS,
               key_type: KeyType | None = None, reuse_key: bool = False,
-              stem: str | None = None) -> Credential:
+              stem: str | None = None,
+              eku: "list[x509.ObjectIdentifier] | None" = None) -> Credential:
         """Always issue a new certificate signed by this CA and write it out.
 
         ``usage`` picks the extensions OpenVPN's ``remote-cert-tls`` checks:
         "server" (EKU serverAuth), "client" (EKU clientAuth) or "none" (no EKU,
         for negative tests).  ``expired`` makes a certificate whose validity
         ended yesterday; ``not_yet_valid`` one that starts in a week.
+        ``eku`` (added for ``remote-cert-eku`` tests) replaces the usage's
+        extendedKeyUsage list with exactly these OIDs (``[]``: no EKU at all).
         """
         if not _CN_RE.match(cn):
             raise ValidationError(f"common name must match {_CN_RE.pattern}: {cn!r}")
@@ -229,15 +232,14 @@ class PKI:
                                                 crl_sign=False, encipher_only=False,
                                                 decipher_only=False), critical=True)
                    .add_extension(self._aki, critical=False))
+        usage_eku = {"server": [ExtendedKeyUsageOID.SERVER_AUTH],
+                     "client": [ExtendedKeyUsageOID.CLIENT_AUTH]}.get(usage, [])
+        eku_list = usage_eku if eku is None else list(eku)
+        if eku_list:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(eku_list), critical=False)
         if usage == "server":
-            builder = (builder
-                       .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                                      critical=False)
-                       .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]),
-                                      critical=False))
-        elif usage == "client":
-            builder = builder.add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]),
+                                            critical=False)
         cert = builder.sign(self._ca_key, hashes.SHA256())
         stem = self._unique_stem(stem or self._default_stem(cn, usage, expired, not_yet_valid))
         cert_path = self.directory / f"{stem}.crt"

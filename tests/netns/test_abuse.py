@@ -402,3 +402,58 @@ def test_max_clients_is_enforced(net: Net, pki: PKI, wrap_keys: WrapKeys,
     second.wait_ready(30)
     assert [c["common_name"] for c in srv.clients()] == ["second"]
     assert net.attacker.ping(SERVER_VPN, count=2, timeout=10)
+
+
+#: A client that gets through the cookie exchange (the server now keeps state for it),
+#: sees the server's TLS reply, and then goes silent for good.
+STALLED_CLIENT = r"""
+import socket, sys, time
+from bsd_ovpn.proto.keyfile import StaticKey
+from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.proto.tls import TLSConfig
+from bsd_ovpn.proto.wrap import TLSCrypt
+ca, cert, key, tc, dst = sys.argv[1:6]
+rd = lambda p: open(p, "rb").read()
+s = Session.connect(SessionSettings(server=False, tls=TLSConfig(ca=rd(ca), cert=rd(cert), key=rd(key),
+                                                                 remote_cert_tls="server")),
+                    TLSCrypt(StaticKey.load(tc), server=False), time.monotonic())
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(0.2)
+got, end = 0, time.monotonic() + 15
+while got < 3 and time.monotonic() < end:
+    for d in s.datagrams_to_send(time.monotonic()):
+        sock.sendto(d, (dst, 1194))
+    try:
+        d, _ = sock.recvfrom(4096)
+    except socket.timeout:
+        s.handle_timer(time.monotonic())
+        continue
+    s.receive_datagram(d, time.monotonic())
+    got += 1
+for d in s.datagrams_to_send(time.monotonic()):
+    sock.sendto(d, (dst, 1194))
+print("stalled", got, flush=True)
+"""
+
+
+def test_client_stopping_mid_handshake_is_forgotten_after_hand_window(
+        net: Net, pki: PKI, wrap_keys: WrapKeys, ovpnctl: OvpnctlFactory, stock_openvpn) -> None:
+    """With max-clients 1 a half-open session holds the only slot -- for hand-window, no longer."""
+    cfg = OvpnConfig.server(pki, wrap_keys, local=SERVER_IP, topology="subnet",
+                            extra=("max-clients 1", "hand-window 5"))
+    srv = ovpnctl.server(net.server, cfg)
+    srv.wait_ready(30)
+    cred = pki.client("staller")
+    res = net.attacker.run([sys.executable, "-c", STALLED_CLIENT, str(pki.ca_path),
+                            str(cred.cert_path), str(cred.key_path), str(wrap_keys.tls_crypt),
+                            SERVER_IP], timeout=30)
+    t_stall = time.monotonic()
+    assert res.stdout.split()[:1] == ["stalled"] and int(res.stdout.split()[1]) >= 2, res.stdout
+    cli = stock_openvpn.client(net.client, remote=SERVER_IP, cert=pki.client("patient"))
+    cli.wait_ready(30)
+    took = time.monotonic() - t_stall
+    print(f"real client in {took:.1f} s after the half-open session went silent")
+    assert "max-clients 1 reached" in srv.log        # the half-open session held the slot ...
+    assert took < 5 + 10, took                       # ... for about hand-window, not longer
+    assert [c["common_name"] for c in srv.clients()] == ["patient"]
+    assert net.client.ping(SERVER_VPN, count=2, timeout=10)

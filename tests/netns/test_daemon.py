@@ -267,9 +267,28 @@ def test_ovpnctl_client_to_ovpnctl_server(two_hosts: TwoHosts, pki: PKI, wrap_ke
     time.sleep(3)
     used = [cpu_seconds(p.proc.pid) - u for p, u in zip((srv, cli), used)]
     assert max(used) < 0.3, used
+    # kill: RESTART to our client, which acks it (the server forgets it at once) and reconnects
+    killed_at = time.monotonic()
+    res = two.server.run([sys.executable, "-c", "from bsd_ovpn.cli import main; main()", "kill",
+                          "carol", "--control-socket", str(daemons.workdir / "srv.ctl")])
+    assert "disconnected peer id" in res.stdout
+    srv.wait_log("disconnected: restart", timeout=5)
+    forgotten = time.monotonic() - killed_at
+    assert forgotten < 1.5, forgotten                  # the ACK, not RESTART_LINGER (2.5 s)
+    cli.wait_log("server sent RESTART", timeout=5)
+    deadline = time.monotonic() + 30
+    while cli.text().count("Initialization Sequence Completed") < 2:
+        assert time.monotonic() < deadline, cli.text()[-3000:]
+        time.sleep(0.1)
+    assert two.client.ping(SERVER_VPN, count=2, timeout=15)
+    print(f"killed ovpnctl client forgotten after {forgotten:.2f} s")
     # SIGTERM on the client: EXIT reaches the server, which forgets it at once
+    srv_mark = srv.text().count("disconnected")
     assert daemons.stop(cli) == 0
-    srv.wait_log("disconnected", timeout=10)
+    deadline = time.monotonic() + 10
+    while srv.text().count("disconnected") <= srv_mark:
+        assert time.monotonic() < deadline, srv.text()[-3000:]
+        time.sleep(0.1)
     assert status(daemons, "srv", two.server)["clients"] == []
     assert daemons.stop(srv) == 0
     for h in (two.server, two.client):

@@ -5,7 +5,9 @@ EngineTransport (no control plane), exactly as a control plane would drive
 if_ovpn: NEW_PEER with the caller's own UDP socket (bound with SO_REUSEPORT
 by the library's helper), NEW_KEY, START_VPN.  Wire captures use AF_PACKET
 sockets on the veth and are decrypted with a decryptor written here from the
-spec (if_ovpn.md §7), not with the engine's code.
+spec (if_ovpn.md §7), not with the engine's code.  Tests run against both data
+planes ("python", and "fast" = the C one when it is built); each engine's log
+must name the data plane it runs.
 """
 from __future__ import annotations
 

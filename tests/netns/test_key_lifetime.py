@@ -10,16 +10,16 @@ renegotiation is off (``reneg-sec 0``), so only the packet counter can rotate.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from bsd_ovpn.testbed.daemons import DaemonProc, EngineDaemon, OvpnctlDaemon
+from bsd_ovpn.testbed.daemons import DaemonProc, OvpnctlDaemon
 from bsd_ovpn.testbed.fixtures import TwoHosts
 from bsd_ovpn.testbed.hosts import Host
 from bsd_ovpn.testbed.pki import PKI
@@ -62,12 +62,13 @@ class Procs:
         p.wait_for("ready", 20)
         return sock
 
-    def server(self, host: Host, cfg: OvpnConfig, engine_sock: str) -> OvpnctlDaemon:
-        path = self.tmp / "server.conf"
+    def server(self, host: Host, cfg: OvpnConfig, engine_sock: str,
+               role: str = "server") -> OvpnctlDaemon:
+        path = self.tmp / f"{role}.conf"
         path.write_text(cfg.render())
-        d = OvpnctlDaemon(host, "server", "server", path, str(self.sockdir / "s.ctl"),
+        d = OvpnctlDaemon(host, role, role, path, str(self.sockdir / f"{role}.ctl"),
                           ["--engine", "userspace", "--engine-socket", engine_sock],
-                          self.tmp / "server.log")
+                          self.tmp / f"{role}.log")
         self.procs.append(d)
         return d
 
@@ -129,3 +130,31 @@ def test_rotate_key_renegotiates_with_stock_client(two_hosts: TwoHosts, pki: PKI
     assert two.client.ping(SERVER_VPN, count=3, timeout=15)
     assert srv.count(r"Traceback") == 0, srv.log_tail()
     assert srv.stop() == 0
+    # three keys were negotiated and installed at -v (DEBUG): no key-sized hex/base64 in any log
+    for p in procs.procs:
+        assert not re.search(r"[0-9a-fA-F]{32,}|[A-Za-z0-9+/]{43}=", p.log), \
+            f"{p.name}: key-like material in the log"
+
+
+@pytest.mark.slow
+def test_rotate_key_renegotiates_ovpnctl_client_with_stock_server(
+        two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys, stock_openvpn, procs: Procs) -> None:
+    """The client side: its engine's TX counter hits the threshold, the client daemon
+    starts the soft reset towards a stock server."""
+    two = two_hosts
+    stock_openvpn.server(two.server, local=two.server_ip, topology="subnet",
+                         keepalive=(10, 60), reneg_sec=0).wait_ready(30)
+    eng = procs.engine(two.client, "auto", 60)
+    cfg = OvpnConfig.client(pki, wrap_keys, remote=two.server_ip, cert=pki.client("crot"),
+                            reneg_sec=0, extra=("hand-window 6",))
+    cli = procs.server(two.client, cfg, eng, role="client")
+    cli.wait_ready(30)
+    assert two.client.ping(SERVER_VPN, count=3, timeout=15), cli.log_tail()
+    assert cli.status()["clients"][0]["key_id"] == 0
+    two.client.run(["ping", "-c", "150", "-i", "0.01", "-W", "1", SERVER_VPN], check=False,
+                   timeout=30)
+    cli.wait_status(lambda s: s["clients"] and s["clients"][0]["key_id"] >= 1, timeout=25,
+                    what="a client-initiated renegotiation (key_id >= 1)")
+    assert two.client.ping(SERVER_VPN, count=5, timeout=15)
+    assert cli.count("Traceback") == 0, cli.log_tail()
+    assert cli.stop() == 0

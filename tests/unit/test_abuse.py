@@ -246,3 +246,86 @@ def test_max_clients_is_enforced(tls) -> None:
     w.ep.disconnect(pid, w.now)
     w.run(clients, lambda: third.established, limit=60)
     assert len(w.ep) == 2
+
+
+# --------------------------------------------------------------------------- tls-crypt-v2
+
+class V2World(World):
+    """The same server with tls-crypt-v2 only; every client holds a v2 client key."""
+
+    def __init__(self, tls, *, force_cookie: bool = False, max_clients: int = 1024) -> None:
+        from bsd_ovpn.proto.keyfile import TLSCryptV2ClientKey, TLSCryptV2ServerKey, wrap_client_key
+        from bsd_ovpn.proto.wrap import TLSCryptV2Server
+
+        self.now = 1000.0
+        self.tls = tls
+        skey = TLSCryptV2ServerKey.generate()
+        kc = StaticKey.generate()
+        self.ckey = TLSCryptV2ClientKey(kc, wrap_client_key(skey, kc, b"\x01" + bytes(8)))
+        sset = SessionSettings(server=True, tls=tls[0], push_options=("ping 10",))
+        self.ep = ServerEndpoint(
+            ServerSettings(sset, pool=ipaddress.ip_network("198.51.100.0/24"),
+                           max_clients=max_clients, force_cookie=force_cookie),
+            wrap_factory=None, tls_crypt_v2=TLSCryptV2Server(skey),
+            cookie_jar=CookieJar(os.urandom(32), 60))
+        self.events = []
+
+    def client(self, **kw: object) -> Session:
+        from bsd_ovpn.proto.wrap import TLSCryptV2Client
+        return Session.connect(SessionSettings(server=False, tls=self.tls[1], **kw),
+                               TLSCryptV2Client(self.ckey), self.now)
+
+    def legacy_reset(self) -> bytes:
+        """A v3 reset without the early-negotiation marker (what a pre-2.6 client sends)."""
+        from bsd_ovpn.proto.wrap import TLSCryptV2Client
+        w = TLSCryptV2Client(self.ckey)
+        w._send_id = 0                      # noqa: SLF001 - no 0x0f marker: the legacy path
+        pkt = ControlPacket(Opcode.P_CONTROL_HARD_RESET_CLIENT_V3, 0, os.urandom(8), (), None,
+                            0, b"")
+        return w.wrap(pkt.encode(), self.now)
+
+
+def test_v2_force_cookie_spoofed_legacy_resets_keep_no_state(tls) -> None:
+    w = V2World(tls, force_cookie=True)
+    for i in range(2000):
+        assert not w.ep.receive_datagram(w.legacy_reset(), source(i), w.now)
+    assert len(w.ep) == 0 and w.ep.get_timer() is None
+    c = w.client()
+    w.run({REAL: c}, lambda: w.established(c), limit=10)
+
+
+def test_v2_spoofed_legacy_resets_cannot_lock_out_a_real_client(tls) -> None:
+    """Without force-cookie a v3 reset lacking the early-negotiation marker gets a
+    session at once (a pre-2.6 client cannot resend its WKc).  Spoofed ones never
+    answer; they must not be able to fill max-clients and keep a real (cookie-capable)
+    client out for a whole hand-window."""
+    w = V2World(tls, max_clients=64)
+    for i in range(500):                          # from spoofed sources, never answering
+        w.ep.receive_datagram(w.legacy_reset(), source(i), w.now)
+    w.ep.datagrams_to_send(w.now)
+    assert len(w.ep) <= 64                         # bounded at least
+    c = w.client()
+    try:
+        w.run({REAL: c}, lambda: w.established(c), limit=3)
+    except AssertionError:
+        pytest.fail(f"a real client could not connect within 3 s: {len(w.ep)} half-open "
+                    f"sessions of spoofed legacy resets hold max-clients 64")
+
+
+def test_v2_spoofed_legacy_reset_does_not_kill_an_established_session(tls) -> None:
+    """A legacy v3 reset spoofing a connected client's address (any holder of a v2 client
+    key can send one) must not replace that client's working session before the new
+    attempt has proven anything; OpenVPN keeps the active session until the new one
+    authenticates."""
+    w = V2World(tls)
+    c = w.client()
+    w.run({REAL: c}, lambda: w.established(c))
+    victim = w.ep.session_for(REAL)
+    assert victim is not None
+    w.ep.receive_datagram(w.legacy_reset(), REAL, w.now)      # spoofed: never followed up
+    w.ep.datagrams_to_send(w.now)
+    while (ce := w.ep.next_event()) is not None:
+        w.events.append((ce.peer_id, ce.event))
+    ended = [e for _, e in w.events if isinstance(e, ev.ConnectionTerminated)]
+    assert ended == [] and victim.terminated is None, \
+        f"the real client's session was ended by one spoofed packet: {ended}"

@@ -449,9 +449,9 @@ def test_auth_user_pass(tmp_path):
 def test_server_auth_user_pass_verify_and_dh_crl(pki_dir):
     c = loads("server 198.51.100.0 255.255.255.0\ndev tun\nca ca.crt\ncert server.crt\n"
               "key server.key\ndh dh.pem\nauth-user-pass-verify /usr/bin/check via-file\n"
-              "username-as-common-name\nverify-client-cert none\n", str(pki_dir / "s.conf"))
+              "verify-client-cert none\n", str(pki_dir / "s.conf"))
     assert c.dh.text == DH and c.auth_user_pass_verify.method == "via-file"
-    assert c.username_as_common_name and c.verify_client_cert == "none"
+    assert c.verify_client_cert == "none"
     with pytest.raises(ConfigError) as info:
         loads("server 198.51.100.0 255.255.255.0\ndev tun\nca ca.crt\ncert server.crt\n"
               "key server.key\ndh ca.crt\n", str(pki_dir / "s.conf"))
@@ -561,3 +561,225 @@ def test_fuzz_split_line_only_tokenize_error(line):
         split_line(line)
     except TokenizeError:
         pass
+
+
+# --- honest support: NOOP / unsupported / not yet in ovpnctl (H19) -----------------------------
+
+SERVER_HEAD = ("server 198.51.100.0 255.255.255.0\ndev tun\ntopology subnet\n"
+               f"<ca>\n{CERT}</ca>\n<cert>\n{CERT}</cert>\n<key>\n{PKEY}</key>\n")
+
+
+def _load_error(text: str, path: str = "/etc/openvpn/x.conf") -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        loads(text, path)
+    return info.value
+
+
+def test_noop_directives_each_load_and_have_a_reason() -> None:
+    from bsd_ovpn.config import NOT_YET_SUPPORTED, UNSUPPORTED_DIRECTIVES
+    for name, reason in NOOP_DIRECTIVES.items():
+        assert len(reason) > 20, name
+        args = {"sndbuf": " 393216", "rcvbuf": " 393216", "txqueuelen": " 1000",
+                "route-delay": " 2", "key-derivation": " tls-ekm"}.get(name, "")
+        c = loads(CLIENT_HEAD + CLIENT_TAIL + name + args + "\n")
+        assert name not in c.origins                       # recorded nowhere
+    # directives whose absence weakens security or changes who may connect are never NOOPs
+    weakening = {"remote-cert-eku", "tls-cipher", "tls-ciphersuites", "tls-groups",
+                 "tls-version-max", "tls-crypt-v2-verify", "auth-gen-token", "bind",
+                 "persist-remote-ip", "push-peer-info", "pull-filter", "ping-exit",
+                 "username-as-common-name", "ifconfig-pool-persist", "reneg-bytes",
+                 "reneg-pkts"}
+    assert not weakening & set(NOOP_DIRECTIVES)
+    assert not set(NOOP_DIRECTIVES) & set(UNSUPPORTED_DIRECTIVES)
+    assert not set(NOOP_DIRECTIVES) & set(NOT_YET_SUPPORTED)
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("tls-crypt-v2-verify /usr/local/bin/check-key", "tls-crypt-v2 key metadata"),
+    ("auth-gen-token 3600 external-auth", "session tokens are not implemented"),
+    ("auth-gen-token", "session tokens are not implemented"),
+])
+def test_unsupported_security_directives_name_file_line(line: str, fragment: str) -> None:
+    err = _load_error(SERVER_HEAD + line + "\n")
+    assert err.line == len(SERVER_HEAD.splitlines()) + 1 and err.path == "/etc/openvpn/x.conf"
+    assert err.directive == line.split()[0]
+    assert "not supported" in str(err) and fragment in str(err)
+
+
+def test_setenv_opt_cannot_smuggle_a_refused_directive() -> None:
+    n = len(SERVER_HEAD.splitlines())
+    err = _load_error(SERVER_HEAD + "setenv opt tls-crypt-v2-verify /bin/check\n")
+    assert err.directive == "tls-crypt-v2-verify" and err.line == n + 1
+    err = _load_error(SERVER_HEAD + "ignore-unknown-option auth-gen-token\nauth-gen-token\n")
+    assert err.directive == "auth-gen-token" and err.line == n + 2
+
+
+@pytest.mark.parametrize("value", ["TLS Web Server Authentication", "1.3.6.1.5.5.7.3.1",
+                                   "1.3.6.1.4.1.55555.7.1"])
+def test_remote_cert_eku_reaches_tls_config(value: str) -> None:
+    from bsd_ovpn.settings import tls_config_from
+    c = loads(CLIENT_HEAD + CLIENT_TAIL + f'remote-cert-eku "{value}"\n')
+    assert c.remote_cert_eku == value
+    assert tls_config_from(c).remote_cert_eku == value
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("remote-cert-eku serverAuth", "write 'TLS Web Server Authentication' or the dotted OID"),
+    ('remote-cert-eku "Web Server"', "neither a dotted OID nor an OpenSSL object name"),
+    ("tls-cipher BOGUS:ECDHE-ECDSA-AES128-GCM-SHA256", "'BOGUS' matches no cipher suite"),
+    ("tls-cipher TLS-RSA-WITH-AES-128-CBC-SHA", "cannot translate"),
+    ("tls-ciphersuites TLS_AES_256_GCM_SHA384:TLS_FOO", "unknown TLS 1.3 suite 'TLS_FOO'"),
+    ("tls-groups X25519:bogus", "unknown group 'bogus'"),
+    ("tls-version-max 1.4", "must be one of"),
+    ("tls-version-max 1.1", "below TLS 1.2"),
+])
+def test_tls_policy_errors_name_file_line(line: str, fragment: str) -> None:
+    err = _load_error(CLIENT_HEAD + line + "\n" + CLIENT_TAIL)
+    assert err.line == 4 and err.directive == line.split()[0], str(err)
+    assert fragment in str(err)
+
+
+def test_tls_version_range_must_not_be_empty() -> None:
+    err = _load_error(CLIENT_HEAD + "tls-version-min 1.3\ntls-version-max 1.2\n" + CLIENT_TAIL)
+    assert err.directive == "tls-version-max" and err.line == 5
+    assert "tls-version-max 1.2 is below tls-version-min 1.3: no TLS version is left" in str(err)
+    # or-highest does not rescue it: it only lowers min to what the library can do
+    err = _load_error(CLIENT_HEAD + "tls-version-min 1.3 or-highest\ntls-version-max 1.2\n"
+                      + CLIENT_TAIL)
+    assert "no TLS version is left" in str(err)
+
+
+def test_tls_policy_reaches_tls_config() -> None:
+    from bsd_ovpn.settings import client_settings_from
+    c = loads(CLIENT_HEAD + CLIENT_TAIL + "tls-version-min 1.0\ntls-version-max 1.3\n"
+              "tls-cipher TLS-ECDHE-ECDSA-WITH-AES-256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384\n"
+              "tls-ciphersuites TLS-AES-256-GCM-SHA384\ntls-groups X25519:secp256r1\n")
+    tls = client_settings_from(c).tls
+    assert tls.tls_version_min == "1.2" and tls.tls_version_max == "1.3"
+    assert tls.tls_cipher.startswith("TLS-ECDHE-ECDSA")
+    assert tls._cipher_list == b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
+    assert tls._ciphersuites == b"TLS_AES_256_GCM_SHA384"
+    assert tls._groups == b"X25519:secp256r1"
+
+
+@pytest.mark.parametrize("head,line,directive", [
+    (SERVER_HEAD, "username-as-common-name", "username-as-common-name"),
+    (SERVER_HEAD, "ifconfig-pool-persist ipp.txt", "ifconfig-pool-persist"),
+    (SERVER_HEAD, "ifconfig-pool-persist ipp.txt 0", "ifconfig-pool-persist"),
+    (SERVER_HEAD, "reneg-bytes 1000000", "reneg-bytes"),
+    (SERVER_HEAD, "reneg-pkts 1000", "reneg-pkts"),
+    (SERVER_HEAD, "bind ipv6only", "bind"),
+    (CLIENT_HEAD, "reneg-bytes 1000000", "reneg-bytes"),
+    (CLIENT_HEAD, "ping-exit 60", "ping-exit"),
+    (CLIENT_HEAD, "pull-filter ignore redirect-gateway", "pull-filter"),
+    (CLIENT_HEAD, "persist-remote-ip", "persist-remote-ip"),
+])
+def test_not_yet_supported_by_ovpnctl(head: str, line: str, directive: str) -> None:
+    tail = CLIENT_TAIL if head is CLIENT_HEAD else ""
+    err = _load_error(head + tail + line + "\n")
+    assert err.directive == directive
+    assert err.line == len((head + tail).splitlines()) + 1
+    assert "not supported yet by ovpnctl" in str(err)
+
+
+@pytest.mark.parametrize("line", ["reneg-bytes 0", "reneg-pkts 0", "ping-exit 0", "bind"])
+def test_not_yet_supported_directives_without_effect_load(line: str) -> None:
+    c = loads(CLIENT_HEAD + CLIENT_TAIL + line + "\n")
+    assert not c.bind_ipv6only and c.reneg_bytes == c.reneg_pkts == c.ping_exit == 0
+
+
+@pytest.fixture
+def daemons_ready(monkeypatch: pytest.MonkeyPatch):
+    """As if the daemons implemented every NOT_YET_SUPPORTED directive (parsing tests)."""
+    import bsd_ovpn.config as configmod
+    monkeypatch.setattr(configmod, "NOT_YET_SUPPORTED", {})
+
+
+def test_pending_directives_parse_into_typed_fields(daemons_ready, tmp_path) -> None:
+    from bsd_ovpn.config import PoolPersist
+    c = loads(SERVER_HEAD + "username-as-common-name\nifconfig-pool-persist ipp.txt 0\n"
+              "reneg-bytes 64000000\nreneg-pkts 100000\nbind ipv6only\n",
+              str(tmp_path / "s.conf"))
+    assert c.username_as_common_name and c.bind_ipv6only
+    assert c.ifconfig_pool_persist == PoolPersist(str(tmp_path / "ipp.txt"), 0)
+    assert (c.reneg_bytes, c.reneg_pkts) == (64000000, 100000)
+    c = loads(SERVER_HEAD + "ifconfig-pool-persist /var/lib/ipp.txt\n")
+    assert c.ifconfig_pool_persist == PoolPersist("/var/lib/ipp.txt", 600)
+    c = loads(CLIENT_HEAD + CLIENT_TAIL + "ping-exit 120\npull-filter ignore \"route \"\n"
+              "pull-filter reject redirect-gateway\npersist-remote-ip\n")
+    assert c.ping_exit == 120 and c.persist_remote_ip
+    assert c.pull_filters == [("ignore", "route "), ("reject", "redirect-gateway")]
+
+
+@pytest.mark.parametrize("head,line,fragment", [
+    (CLIENT_HEAD, "username-as-common-name", "only valid in a server"),
+    (CLIENT_HEAD, "ifconfig-pool-persist ipp.txt", "only valid in a server"),
+    (SERVER_HEAD, "pull-filter accept route", "only valid on a client"),
+    (SERVER_HEAD, "persist-remote-ip", "only valid on a client"),
+    (CLIENT_HEAD, "pull-filter drop route", "must be one of: accept, ignore, reject"),
+    (CLIENT_HEAD, 'pull-filter ignore ""', "would match every pushed option"),
+    (CLIENT_HEAD, "ifconfig-pool-persist ipp.txt -1", "seconds -1 outside 0.."),
+    (CLIENT_HEAD, "ifconfig-pool-persist /tmp", "is a directory"),
+    (CLIENT_HEAD, "reneg-bytes lots", "not an integer"),
+    (CLIENT_HEAD, "ping-exit -5", "outside 0.."),
+    (CLIENT_HEAD, "bind ipv4only", "must be one of: ipv6only"),
+])
+def test_pending_directive_validation(daemons_ready, head: str, line: str,
+                                      fragment: str) -> None:
+    tail = CLIENT_TAIL if head is CLIENT_HEAD else ""
+    err = _load_error(head + tail + line + "\n")
+    assert err.directive == line.split()[0] and fragment in str(err), str(err)
+
+
+def test_pull_filter_without_pull(daemons_ready) -> None:
+    err = _load_error("tls-client\ndev tun\nremote 192.0.2.1\n" + CLIENT_TAIL
+                      + "pull-filter ignore route\n")
+    assert err.directive == "pull-filter" and "needs pull" in str(err)
+
+
+def test_pull_filter_action_follows_openvpn() -> None:
+    from bsd_ovpn.config import pull_filter_action
+    filters = [("accept", "route 192.0.2."), ("ignore", "route "), ("reject", "redirect-gateway"),
+               ("ignore", "dhcp-option DNS")]
+    assert pull_filter_action(filters, "route 192.0.2.0 255.255.255.0") == "accept"
+    assert pull_filter_action(filters, "route 198.51.100.0 255.255.255.0") == "ignore"
+    assert pull_filter_action(filters, "  route 198.51.100.0") == "ignore"   # leading blanks
+    assert pull_filter_action(filters, "route-gateway 198.51.100.1") == "accept"  # "route "
+    assert pull_filter_action(filters, "redirect-gateway def1") == "reject"
+    assert pull_filter_action(filters, "dhcp-option DNS 192.0.2.53") == "ignore"
+    assert pull_filter_action(filters, "topology subnet") == "accept"
+    assert pull_filter_action([], "anything") == "accept"
+    assert pull_filter_action([("ignore", "route"), ("accept", "route")],
+                              "route-gateway x") == "ignore"           # first match wins
+
+
+def test_push_peer_info_cannot_send_uv_variables() -> None:
+    c = loads(CLIENT_HEAD + CLIENT_TAIL + "push-peer-info\nsetenv FOO bar\n")
+    assert c.push_peer_info
+    err = _load_error(CLIENT_HEAD + CLIENT_TAIL + "push-peer-info\nsetenv UV_GROUP admins\n")
+    assert err.directive == "push-peer-info" and "UV_GROUP" in str(err)
+
+
+def test_walkthrough_table_lists_exactly_what_config_does() -> None:
+    """docs/walkthrough.rst: the NOOP row is NOOP_DIRECTIVES; refused/not-yet ones say "no"."""
+    import pathlib
+    import re
+    from bsd_ovpn.config import NOT_YET_SUPPORTED, UNSUPPORTED_DIRECTIVES
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "walkthrough.rst").read_text()
+    table = doc[doc.index("Supported, compared with OpenVPN 2.6"):]
+    rows = re.findall(r"^   \* - (.*)\n     - (.*)\n", table, re.M)
+    status: dict[str, set[str]] = {}
+    for feature, st in rows:
+        for lit in re.findall(r"``([^`]+)``", feature):
+            status.setdefault(lit.split()[0].strip("<>/"), set()).add(st.strip())
+    noop_row = [f for f, _ in rows if "config.NOOP_DIRECTIVES" in f]
+    assert len(noop_row) == 1
+    listed = {lit for lit in re.findall(r"``([^`]+)``", noop_row[0])} - {"config.NOOP_DIRECTIVES"}
+    assert listed == set(NOOP_DIRECTIVES)
+    for d in set(NOT_YET_SUPPORTED) | set(UNSUPPORTED_DIRECTIVES):
+        assert "no" in status.get(d, set()), d
+    assert status["bind"] == {"no"} and "ipv6only" in doc       # "bind ipv6only"
+    for d in ("remote-cert-eku", "tls-cipher", "tls-ciphersuites", "tls-groups",
+              "tls-version-max"):
+        assert status[d] == {"yes"}, d
+    assert status["push-peer-info"] == {"accepted, no effect"}

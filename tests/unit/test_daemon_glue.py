@@ -613,9 +613,15 @@ def test_client_restart_from_server_reconnects(files) -> None:
     n.d.start(n.clock.t)
     n.advance(10, until=lambda: n.d.state == "connected")
     [(pid, _a, _s)] = n.ep.clients()
+    t0 = n.clock.t
     n.ep.disconnect(pid, n.clock.t, restart=True)
     n.advance(2, until=lambda: n.d.state != "connected")
     assert n.d.state == "reconnecting" and n.tr.interfaces == []
+    # our client acked the RESTART: the server forgot it at once, not after RESTART_LINGER
+    n.advance(0.1)
+    assert len(n.ep) == 0 and n.clock.t - t0 < 1.0
+    [term] = [e for e in n.s_events if isinstance(e, ev.ConnectionTerminated)]
+    assert term.reason == "restart"
     n.advance(15, until=lambda: n.d.state == "connected")
     assert n.d.state == "connected" and n.tr.interfaces == ["tun0"]
     n.close()

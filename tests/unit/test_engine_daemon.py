@@ -17,6 +17,7 @@ import pytest
 from bsd_ovpn import nv
 from bsd_ovpn.binding import IfOvpnExists, IfOvpnNotFound, IfOvpnNotSupported
 from bsd_ovpn.engine.commands import Engine, inspect_socket
+from bsd_ovpn.engine import daemon as daemon_mod
 from bsd_ovpn.engine.daemon import EngineDaemon
 from bsd_ovpn.engine.dataplane import canon_addr
 from bsd_ovpn.engine.steering import make_udp_socket
@@ -155,6 +156,34 @@ def test_raw_requests_and_errnos(daemon):
         with pytest.raises(IfOvpnError) as exc:
             tr.destroy_interface(name)
         assert exc.value.errno == errno.ENXIO
+
+
+def test_socket_file_appears_only_when_listening(tmp_path, fake_host, monkeypatch):
+    """Whoever waits for the file and connects at once must not get ECONNREFUSED
+    (seen as a flaky EngineNotRunning in the netns tests' engine start-up)."""
+    path = str(tmp_path / "e.sock")
+    real_rename = os.rename
+    seen = []
+
+    def rename(src, dst):
+        assert dst == path and not os.path.exists(path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(src)                 # already listening under the staging name
+        finally:
+            probe.close()
+        seen.append(os.path.basename(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(daemon_mod.os, "rename", rename)
+    d = EngineDaemon(path, engine=Engine(fake_host))
+    try:
+        assert len(seen) == 1 and seen[0].startswith(".engine-")
+        assert sorted(os.listdir(tmp_path)) == ["e.sock"]          # no staging file left
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        d.shutdown()
+    assert not os.path.exists(path)
 
 
 def test_second_daemon_on_the_same_socket_is_refused(daemon, fake_host):

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings, strategies as st
 
 from bsd_ovpn.engine.dataplane import SEQ_ROTATE, IfaceCounters, PythonDataPlane
 
@@ -258,3 +259,35 @@ def test_float_is_reported_once_with_the_latest_address_and_not_applied(rig: Rig
     finally:
         for s in movers:
             s.close()
+
+
+class _SetModel:
+    """ovpn_check_replay restated with a set instead of a bitmap (an independent check
+    of KernelReplayWindow's bit arithmetic)."""
+
+    def __init__(self) -> None:
+        self.floor, self.seen = 0, set()
+
+    def accept(self, seq: int) -> bool:
+        if seq <= self.floor or seq in self.seen:
+            return False
+        if seq > (self.floor + 64) % 2**32:
+            self.floor, self.seen = seq, set()
+            return True
+        self.seen.add(seq)
+        while self.floor + 1 in self.seen:
+            self.floor += 1
+            self.seen.discard(self.floor)
+        return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.lists(st.integers(-80, 200), max_size=120))
+def test_kernel_window_matches_a_set_model(start: int, deltas: list[int]) -> None:
+    from bsd_ovpn.engine.dataplane import KernelReplayWindow
+    window, model = KernelReplayWindow(), _SetModel()
+    seq = start
+    for d in deltas:
+        seq = min(max(seq + d, 0), 2**32 - 1)
+        assert window.check_and_accept(seq) == model.accept(seq), seq
+        assert window.rx_seq == model.floor

@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import stat
-import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -558,3 +557,44 @@ def test_daemon_logging_redacts_and_rate_limits(tmp_path: Path) -> None:
     assert "PUSH_REPLY" in text, "the capture did not see the daemon's log output"
     assert "SESS_ID_AT_0123456789abcdef" not in text, "auth-token logged in clear"
     assert text.count("dropped:") < 200, f"{text.count('dropped:')} drop lines: no rate limit"
+
+
+# --------------------------------------------------------------------------- auth scripts
+
+def test_auth_script_via_file_gets_a_private_file_that_is_removed(tmp_path: Path) -> None:
+    """auth-user-pass-verify via-file: the password file is 0600 and gone afterwards;
+    the password never appears on the script's command line."""
+    from bsd_ovpn.daemon.server import run_auth_script
+
+    out = tmp_path / "seen"
+    script = tmp_path / "verify.sh"
+    script.write_text("#!/bin/sh\n"
+                      f"stat -c '%a' \"$1\" > {out}\n"
+                      f"echo \"$1\" >> {out}\n"
+                      f"cat /proc/$$/cmdline | tr '\\0' ' ' >> {out}\n"
+                      f"echo >> {out}\n"
+                      f"sed -n 2p \"$1\" >> {out}\n"
+                      "exit 0\n")
+    os.chmod(script, 0o700)
+    ok, why = run_auth_script(str(script), "via-file", "alice", PASSWORD, dict(os.environ))
+    assert ok, why
+    mode, path, cmdline, pw = out.read_text().splitlines()[:4]
+    assert mode == "600"
+    assert pw == PASSWORD                          # the script did get it, from the file
+    assert PASSWORD not in cmdline
+    assert not os.path.exists(path), "the credentials file was left behind"
+
+
+def test_auth_script_via_env_keeps_password_off_the_command_line(tmp_path: Path) -> None:
+    from bsd_ovpn.daemon.server import run_auth_script
+
+    out = tmp_path / "seen"
+    script = tmp_path / "verify.sh"
+    script.write_text("#!/bin/sh\n"
+                      f"cat /proc/$$/cmdline | tr '\\0' ' ' > {out}\n"
+                      f"[ \"$password\" = '{PASSWORD}' ] && [ \"$username\" = alice ]\n")
+    os.chmod(script, 0o700)
+    ok, why = run_auth_script(str(script), "via-env", "alice", PASSWORD,
+                              dict(os.environ, username="alice"))
+    assert ok, why
+    assert PASSWORD not in out.read_text()

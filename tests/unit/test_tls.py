@@ -257,3 +257,135 @@ def test_garbage_from_peer_is_tls_error(pki: PKI) -> None:
     srv = TLSChannel(_cfg(pki, pki.server()), server=True)
     with pytest.raises(TLSError, match="TLS failed"):
         srv.receive(b"\x16\x03\x01\x00\x05hello-not-tls" * 3)
+
+
+# --------------------------------------------------------------------------- remote-cert-eku
+
+_CUSTOM_EKU = "1.3.6.1.4.1.55555.7.1"
+
+
+def test_remote_cert_eku_numeric_oid(pki: PKI) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    special = pki.issue("eku-server", usage="server",
+                        eku=[ExtendedKeyUsageOID.SERVER_AUTH, x509.ObjectIdentifier(_CUSTOM_EKU)])
+    srv, cli = _connect(_cfg(pki, special), _cfg(pki, pki.client(), remote_cert_eku=_CUSTOM_EKU))
+    assert cli.peer_common_name == "eku-server"
+    # A server certificate without that OID is refused, and the message lists what it has.
+    msg, _, _ = _failure(_cfg(pki, pki.server()),
+                         _cfg(pki, pki.client(), remote_cert_eku=_CUSTOM_EKU))
+    assert msg == (f"peer certificate's extendedKeyUsage lacks '{_CUSTOM_EKU}' "
+                   f"(remote-cert-eku); it has TLS Web Server Authentication "
+                   f"(1.3.6.1.5.5.7.3.1); subject CN=server")
+
+
+def test_remote_cert_eku_long_name_as_openvpn_compares(pki: PKI) -> None:
+    srv, cli = _connect(_cfg(pki, pki.server()),
+                        _cfg(pki, pki.client(), remote_cert_eku="TLS Web Server Authentication"))
+    assert cli.handshake_complete
+    # the dotted form of the same OID matches too
+    _connect(_cfg(pki, pki.server()), _cfg(pki, pki.client(), remote_cert_eku="1.3.6.1.5.5.7.3.1"))
+    msg, _, _ = _failure(_cfg(pki, pki.server()),
+                         _cfg(pki, pki.client(), remote_cert_eku="TLS Web Client Authentication"))
+    assert "lacks 'TLS Web Client Authentication' (remote-cert-eku)" in msg
+
+
+def test_remote_cert_eku_needs_the_extension(pki: PKI) -> None:
+    no_eku = pki.issue("plain-eku", usage="none")
+    msg, _, _ = _failure(_cfg(pki, no_eku),
+                         _cfg(pki, pki.client(), remote_cert_eku="TLS Web Server Authentication"))
+    assert msg == ("peer certificate has no extendedKeyUsage extension (remote-cert-eku "
+                   "'TLS Web Server Authentication'); subject CN=plain-eku")
+
+
+def test_remote_cert_eku_on_the_server_checks_clients(pki: PKI) -> None:
+    srv_cfg = _cfg(pki, pki.server(), remote_cert_eku="TLS Web Client Authentication")
+    srv, _ = _connect(srv_cfg, _cfg(pki, pki.client("eku-alice")))
+    assert srv.peer_common_name == "eku-alice"
+    msg, _, _ = _failure(srv_cfg, _cfg(pki, pki.issue("eku-none", usage="none")))
+    assert msg.startswith("peer certificate has no extendedKeyUsage extension")
+
+
+@pytest.mark.parametrize("value,match", [
+    ("serverAuth", "write 'TLS Web Server Authentication' or the dotted OID"),
+    ("Web Server Thing", "neither a dotted OID nor an OpenSSL object name"),
+    ("", "needs an OID"),
+])
+def test_remote_cert_eku_bad_values(pki: PKI, value: str, match: str) -> None:
+    with pytest.raises(TLSConfigError, match=match):
+        TLSConfig(ca=pki.ca_pem, remote_cert_eku=value)
+
+
+# --------------------------------------------------------------------------- versions, suites, groups
+
+def test_tls_version_max_caps_the_handshake(pki: PKI) -> None:
+    srv, cli = _connect(_cfg(pki, pki.server()), _cfg(pki, pki.client(), tls_version_max="1.2"))
+    assert srv.version == cli.version == "TLSv1.2"
+    srv, cli = _connect(_cfg(pki, pki.server(), tls_version_max="1.3"), _cfg(pki, pki.client()))
+    assert srv.version == "TLSv1.3"
+
+
+def test_tls_version_max_below_peer_min_fails_clearly(pki: PKI) -> None:
+    msg, _, _ = _failure(_cfg(pki, pki.server(), tls_version_min="1.3"),
+                         _cfg(pki, pki.client(), tls_version_max="1.2"))
+    assert msg.startswith("TLS handshake failed: no common TLS version with the client")
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"tls_version_min": "1.3", "tls_version_max": "1.2"},
+     "tls-version-max 1.2 is below tls-version-min 1.3: no TLS version is left"),
+    ({"tls_version_max": "1.1"}, "tls-version-max 1.1 is below TLS 1.2"),
+    ({"tls_version_max": "2.0"}, "tls-version-max must be one of"),
+])
+def test_tls_version_max_errors(pki: PKI, kw: dict[str, str], match: str) -> None:
+    with pytest.raises(TLSConfigError, match=match):
+        TLSConfig(ca=pki.ca_pem, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spelling", ["TLS_CHACHA20_POLY1305_SHA256",
+                                      "TLS-CHACHA20-POLY1305-SHA256"])
+def test_tls_ciphersuites_restricts_tls13(pki: PKI, spelling: str) -> None:
+    srv, cli = _connect(_cfg(pki, pki.server(), tls_ciphersuites=spelling),
+                        _cfg(pki, pki.client()))
+    assert srv.version == "TLSv1.3"
+    assert srv.cipher_name == cli.cipher_name == "TLS_CHACHA20_POLY1305_SHA256"
+
+
+def test_tls_ciphersuites_without_overlap_fails(pki: PKI) -> None:
+    msg, _, _ = _failure(_cfg(pki, pki.server(), tls_ciphersuites="TLS_AES_128_GCM_SHA256"),
+                         _cfg(pki, pki.client(), tls_ciphersuites="TLS_AES_256_GCM_SHA384"))
+    assert "no shared cipher" in msg
+
+
+@pytest.mark.parametrize("spelling,expect", [
+    ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ("TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ("TLS-ECDHE-ECDSA-WITH-CHACHA20-POLY1305-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"),
+])
+def test_tls_cipher_restricts_tls12(pki: PKI, spelling: str, expect: str) -> None:
+    srv, cli = _connect(_cfg(pki, pki.server(), tls_cipher=spelling),
+                        _cfg(pki, pki.client(), tls_version_max="1.2"))
+    assert srv.version == "TLSv1.2" and srv.cipher_name == cli.cipher_name == expect
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"tls_cipher": "BOGUS:ECDHE-ECDSA-AES128-GCM-SHA256"}, "'BOGUS' matches no cipher suite"),
+    ({"tls_cipher": "TLS-RSA-WITH-AES-128-CBC-SHA"}, "cannot translate"),
+    ({"tls_cipher": "TLS_AES_128_GCM_SHA256"}, "cannot translate"),
+    ({"tls_ciphersuites": "TLS_AES_128_GCM_SHA256:TLS_BOGUS"}, "unknown TLS 1.3 suite 'TLS_BOGUS'"),
+    ({"tls_groups": "X25519:bogus"}, "unknown group 'bogus'"),
+    ({"tls_groups": ""}, "empty list"),
+])
+def test_tls_policy_string_errors(pki: PKI, kw: dict[str, str], match: str) -> None:
+    with pytest.raises(TLSConfigError, match=match):
+        TLSConfig(ca=pki.ca_pem, **kw)  # type: ignore[arg-type]
+
+
+def test_tls_groups_pick_the_key_exchange(pki: PKI) -> None:
+    srv, cli = _connect(_cfg(pki, pki.server(), tls_groups="secp384r1:X25519"),
+                        _cfg(pki, pki.client(), tls_groups="secp384r1"))
+    assert srv.group_name == cli.group_name == "secp384r1"
+    msg, _, _ = _failure(_cfg(pki, pki.server(), tls_groups="X25519"),
+                         _cfg(pki, pki.client(), tls_groups="secp384r1"))
+    assert msg == ("TLS handshake failed: no shared cipher or group with the client "
+                   "(no suitable key share)")
