@@ -18,7 +18,7 @@ For the userspace engine the socket needs SO_REUSEPORT (the engine joins its
 port, see engine/steering.py).  SO_REUSEPORT would also let this bind join a
 port that another socket of ours already holds -- another interface, or the
 socket this interface kept after its last peer was deleted -- which breaks
-that port's steering, so the port is first probed with a plain bind.
+that port's steering, so make_udp_socket first probes the port with a plain bind.
 """
 from __future__ import annotations
 
@@ -66,18 +66,6 @@ def _sockaddr(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
     return (str(addr), port)
 
 
-def _probe_free(family: int, bind_to: tuple, v6only: bool | None, where: str) -> None:
-    probe = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if v6only is not None:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-        probe.bind(bind_to)
-    except OSError as exc:
-        raise _explain_bind(exc, where) from None
-    finally:
-        probe.close()
-
-
 def open_peer_socket(remote: HostPort, local: HostPort | None, *,
                      reuseport: bool) -> PeerSocket:
     """Bind the socket for ``remote`` (see the module doc for the family rules)."""
@@ -105,8 +93,6 @@ def open_peer_socket(remote: HostPort, local: HostPort | None, *,
     bind_to = _sockaddr(l_addr, port, scope)
     v6only = (not mapped_remote) if family == socket.AF_INET6 else None
     where = str(HostPort(l_addr, port, scope))
-    if reuseport and port != 0:
-        _probe_free(family, bind_to, v6only, where)
     try:
         sock = make_udp_socket(bind_to, reuseport=reuseport, v6only=v6only)
     except OSError as exc:

@@ -207,8 +207,21 @@ def make_udp_socket(local: tuple, *, reuseport: bool = True,
     channel does not need it but is not harmed by it.  ``local`` is
     ``(host, port)`` or ``(host, port, flowinfo, scope_id)``; an IPv6 host
     gives an AF_INET6 socket (``v6only=False`` makes it dual-stack).
+
+    SO_REUSEPORT would also let the bind silently *join* a port another of our
+    sockets already holds (a second daemon, another interface), and the kernel
+    would then hash that port's clients across both: so a fixed port is first
+    probed with a plain bind, which fails with EADDRINUSE in that case.
     """
     family, addr = _sockaddr(local)
+    if reuseport and addr[1] != 0:
+        probe = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6 and v6only is not None:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+            probe.bind(addr)
+        finally:
+            probe.close()
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if reuseport:
