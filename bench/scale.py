@@ -485,7 +485,7 @@ def print_table(results: list[RunResult]) -> None:
             "dropped after rekey": str(r.dropped_after_rekey) if k else "n/a",
             "clients w/ data on new key": f"{r.new_key_data}" if k else "n/a",
             "clients w/ data after rekey": f"{r.any_data_after}" if k else "n/a",
-            "error": r.error or "",
+            "error": (r.error or "").splitlines()[0][:90] if r.error else "",
         }
     cols = [get(r) for r in results]
     keys = list(cols[0]) if cols else []

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 from bsd_ovpn.errors import ConfigError
-from bsd_ovpn.ifovpn import CIPHER_KEY_SIZES
+from bsd_ovpn.ifovpn import CIPHER_KEY_SIZES, REPLAY_WINDOW
 from bsd_ovpn.proto.keyfile import (
     KeyFileError, StaticKey, TLSCryptV2ClientKey, TLSCryptV2ServerKey, parse_tls_crypt_v2_key,
     read_key_text,
@@ -1112,8 +1112,15 @@ def _d_reneg_sec(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
 
 @_directive("replay-window", 1, 2)
 def _d_replay_window(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
-    p.cfg.replay_window = (_int(ctx, a[0], 1, 65536, "window"),
-                           _int(ctx, a[1], 1, 3600, "seconds") if len(a) > 1 else 15)
+    window = _int(ctx, a[0], 1, 65536, "window")
+    seconds = _int(ctx, a[1], 1, 3600, "seconds") if len(a) > 1 else 15
+    if window != REPLAY_WINDOW:
+        # the data channel (if_ovpn or the engine) has one fixed window; a smaller one
+        # asked for here would silently be more lenient, a larger one stricter
+        raise ctx.error(f"not supported: the data channel's replay window is fixed at "
+                        f"{REPLAY_WINDOW} packets (if_ovpn); use 'replay-window "
+                        f"{REPLAY_WINDOW}' or remove it")
+    p.cfg.replay_window = (window, seconds)
 
 
 @_directive("mssfix", 0, 2)

@@ -75,6 +75,7 @@ POLL_PKT_BUFSIZE = 128
 PEER_STATS_BUFSIZE = 4096     # doubled on ENOSPC
 MAX_PEER_ID = 0xFFFFFF        # 24 bits on the wire; 0xFFFFFF means "unset" in the protocol
 MAX_KEY_ID = 7
+REPLAY_WINDOW = 64            # ovpn_check_replay's bitmap: packets behind the highest seen
 
 IFF_BROADCAST = 0x2
 IFF_POINTOPOINT = 0x10

@@ -93,9 +93,6 @@ def check_tunnel(t: Any, case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_transport(pair: Any, scenario: Scenario, name: str, sides: tuple[str, str]) -> None:
     case = CASES[name]
-    if sides == (OURS, OURS) and name not in ("4in4", "6in6"):
-        pytest.skip("ours-ours runs for 4in4 and 6in6 only (the other families are the same "
-                    "code on both ends; keeps the suite short)")
     t = scenario.tunnel(sides, pair.server, pair.client, remote=case["client"]["remote"],
                         server_opts=case["server"],
                         client_opts={k: v for k, v in case["client"].items() if k != "remote"},

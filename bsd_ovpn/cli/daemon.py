@@ -40,6 +40,9 @@ def _logging(config_path: str, verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # the daemon owns this process's logging: verb/-v apply to the library's loggers
+    # too, whatever level an importer may have left on them
+    logging.getLogger("bsd_ovpn").setLevel(level)
 
 
 @cli.command("server")

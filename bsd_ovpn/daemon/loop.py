@@ -41,6 +41,10 @@ DRAIN_INTERVAL = 1.0
 RECV_SIZE = 65535
 #: datagrams read per wake-up before timers get a turn (fairness, not a limit)
 MAX_READS_PER_WAKEUP = 256
+#: GET_PEER_STATS may take at most this share of the loop's time.  With 1000 peers
+#: one answer takes the userspace engine ~0.3 s to build, during which the loop
+#: (waiting for it) reads nothing; a ``status FILE 1`` then starved the handshakes.
+STATS_MAX_SHARE = 0.05
 
 
 class DaemonError(OvpnError):
@@ -62,6 +66,7 @@ class IfOvpnPeers:
         self.peers: set[int] = set()
         self.keepalive: dict[int, tuple[int, int]] = {}
         self.last_stats: dict[int, PeerStats] = {}
+        self._stats_next = 0.0               # time.monotonic() of the next allowed refresh
 
     # -- peers
     def new_peer(self, peer_id: int, remote: Any, *, vpn_ipv4: Any = None,
@@ -126,11 +131,21 @@ class IfOvpnPeers:
             return []
 
     def stats(self) -> dict[int, PeerStats]:
-        """GET_PEER_STATS; on failure the last answer (status must not kill the daemon)."""
+        """GET_PEER_STATS; on failure the last answer (status must not kill the daemon).
+
+        Refreshed at most so often that the call takes STATS_MAX_SHARE of the time
+        (a few peers: every call; 1000 peers over the engine: every few seconds);
+        in between the last answer is returned.
+        """
+        start = time.monotonic()
+        if start < self._stats_next:
+            return self.last_stats
         try:
             self.last_stats = self.ifc.peer_stats()
         except (IfOvpnError, OvpnError) as exc:
             log.warning("GET_PEER_STATS failed: %s", exc)
+        took = time.monotonic() - start
+        self._stats_next = start + took / STATS_MAX_SHARE
         return self.last_stats
 
 

@@ -575,3 +575,31 @@ def test_vanished_stock_client_is_reaped_by_keepalive(lab, pki: PKI, wrap_keys: 
     assert b.ping(SERVER_VPN, count=2, timeout=10)
     print(f"killed client reaped after {took:.1f} s")
     assert daemons.stop(srv) == 0
+
+
+@pytest.mark.slow
+def test_host_forwarding_decides_client_to_client(lab, pki: PKI, wrap_keys: WrapKeys,
+                                                  stock_openvpn, daemons: Daemons,
+                                                  tmp_path: Path) -> None:
+    """What docs/daemon.md says: ovpnctl never forwards between clients itself; with if_ovpn
+    the host's IP stack does, with or without ``client-to-client``."""
+    srv_h, a, b = lab.host("srv"), lab.host("a"), lab.host("b")
+    lab.segment([srv_h, a, b], ["192.0.2.1/24", "192.0.2.2/24", "192.0.2.3/24"])
+    conf = OvpnConfig.server(pki, wrap_keys, local="192.0.2.1", topology="subnet",
+                             keepalive=(2, 10))                  # no client-to-client
+    path = tmp_path / "server.conf"
+    path.write_text(conf.render())
+    srv = daemons.ovpnctl(srv_h, "srv", "server", path, daemons.engine(srv_h, "srv"))
+    srv.wait_log("listening on")
+    assert "no client-to-client, but this host's IP stack forwards" in srv.text()
+    ca = stock_openvpn.client(a, remote="192.0.2.1", cert=pki.client("mona"), name="a")
+    cb = stock_openvpn.client(b, remote="192.0.2.1", cert=pki.client("nick"), name="b")
+    ca.wait_ready(30)
+    cb.wait_ready(30)
+    clients = {c["common_name"]: c for c in status(daemons, "srv", srv_h)["clients"]}
+    ip_b = clients["nick"]["vpn_ipv4"]
+    assert a.ping(ip_b, count=2, timeout=15)            # forwarding on: they meet
+    srv_h.run(["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+    assert not a.ping(ip_b, count=1, timeout=3)         # off: nobody forwards
+    assert a.ping(SERVER_VPN, count=1, timeout=10) and b.ping(SERVER_VPN, count=1, timeout=10)
+    assert daemons.stop(srv) == 0

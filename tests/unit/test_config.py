@@ -783,3 +783,12 @@ def test_walkthrough_table_lists_exactly_what_config_does() -> None:
               "tls-version-max"):
         assert status[d] == {"yes"}, d
     assert status["push-peer-info"] == {"accepted, no effect"}
+
+
+def test_replay_window_is_the_kernels_fixed_64() -> None:
+    c = loads(CLIENT_HEAD + CLIENT_TAIL + "replay-window 64 30\n")
+    assert c.replay_window == (64, 30)
+    for n in (32, 128):
+        err = _load_error(CLIENT_HEAD + f"replay-window {n}\n" + CLIENT_TAIL)
+        assert err.directive == "replay-window" and err.line == 4
+        assert "fixed at 64 packets" in str(err)

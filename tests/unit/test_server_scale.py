@@ -232,3 +232,33 @@ def test_address_pool_v6_stays_inside_its_network() -> None:
     assert str(p.allocate(1)[1]) == "2001:db8:100::ffff"
     with pytest.raises(DaemonError, match="IPv6 address pool exhausted"):
         p.allocate(2)
+
+
+def test_peer_stats_refresh_is_bounded_by_its_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET_PEER_STATS (status file, ovpnctl status) may take at most 5 % of the loop's time:
+    a slow answer (1000 peers over the engine) is reused until that share is respected;
+    a fast one is fetched every time."""
+    from bsd_ovpn.daemon import loop as loopmod
+
+    clock = [100.0]
+    monkeypatch.setattr(loopmod.time, "monotonic", lambda: clock[0])
+
+    class Ifc:
+        calls = 0
+        cost = 0.3
+
+        def peer_stats(self) -> dict[int, int]:
+            Ifc.calls += 1
+            clock[0] += Ifc.cost
+            return {1: Ifc.calls}
+
+    peers = loopmod.IfOvpnPeers(Ifc(), sock=None)  # type: ignore[arg-type]
+    assert peers.stats() == {1: 1}
+    clock[0] += 1.0
+    assert peers.stats() == {1: 1} and Ifc.calls == 1          # 0.3 s answer: kept for 6 s
+    clock[0] = 100.0 + 0.3 / loopmod.STATS_MAX_SHARE
+    assert peers.stats() == {1: 2}
+    Ifc.cost = 0.0                                               # a fast answer: always fresh
+    clock[0] += 10
+    assert peers.stats() == {1: 3}
+    assert peers.stats() == {1: 4}
