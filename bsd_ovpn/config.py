@@ -95,6 +95,8 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "pull-filter": "the client does not yet filter pushed options",
     "persist-remote-ip": "the client resolves the remote again on every reconnect",
     "bind": "'bind ipv6only' is not implemented: a udp6 server socket is dual-stack",
+    "route-metric": "the default metric is not applied yet (give the metric on each route "
+                    "line instead)",
 }
 
 #: Known OpenVPN directives that bsd_ovpn refuses, with the reason.
@@ -1125,7 +1127,14 @@ def _d_replay_window(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
 
 @_directive("mssfix", 0, 2)
 def _d_mssfix(p: _Parser, ctx: _Ctx, a: list[str]) -> None:
-    p.cfg.mssfix = _int(ctx, a[0], 0, 65535, "size") if a else 1492
+    size = _int(ctx, a[0], 0, 65535, "size") if a else 1492
+    if len(a) > 1:
+        _choice(ctx, a[1], ("mtu", "fixed"), "second argument")
+    if size != 0:
+        raise ctx.error("not supported: the data channel (if_ovpn or the engine) does not "
+                        "clamp TCP MSS; lower tun-mtu, or clamp in the firewall (pf "
+                        "'scrub max-mss', iptables TCPMSS); 'mssfix 0' is accepted")
+    p.cfg.mssfix = size
 
 
 def _cipher_name(ctx: _Ctx, v: str) -> str | None:
@@ -1480,6 +1489,7 @@ class _Post:
             "pull-filter": bool(c.pull_filters),
             "persist-remote-ip": c.persist_remote_ip,
             "bind": c.bind_ipv6only,
+            "route-metric": c.route_metric is not None,
         }
         for d, reason in NOT_YET_SUPPORTED.items():
             if active.get(d, d in c.origins):

@@ -315,6 +315,7 @@ class _Worker:
 
     def rekey_all(self) -> None:
         now = self.clock()
+        n = 0
         for c in self.clients:
             s = c.session
             if s is None or s.terminated is not None or c.rec.connected is None:
@@ -331,6 +332,9 @@ class _Worker:
             c.rec.new_key_data = 0
             self._service(c, now)
             now = self.clock()
+            n += 1
+            if n % 32 == 0:                 # keep answering the server during the burst
+                self._drain_ready()
         self.phase = "rekey"
 
     def close_all(self, linger: float) -> None:
@@ -440,6 +444,12 @@ class _Worker:
         if got and s is not None:
             self._service(c, now)
 
+    def _drain_ready(self) -> None:
+        """Read every socket that has datagrams now (no waiting)."""
+        for key, _mask in self.sel.select(0):
+            if isinstance(key.data, _Client):
+                self._receive(key.data, self.clock())
+
     def poll(self, max_wait: float) -> None:
         """One loop iteration: wait for I/O or the next timer, then handle what is due."""
         now = self.clock()
@@ -456,10 +466,9 @@ class _Worker:
             now = self.clock()
             # keep answering the server while a burst of starts goes out
             if len(self.pending_starts) % 32 == 0:
-                for key, _mask in self.sel.select(0):
-                    if isinstance(key.data, _Client):
-                        self._receive(key.data, self.clock())
+                self._drain_ready()
         h = self.heap
+        due: list[_Client] = []
         while h:
             t, _, c = h[0]
             if c.timer != t:
@@ -469,6 +478,10 @@ class _Worker:
                 break
             heapq.heappop(h)
             c.timer = None
+            due.append(c)
+        # serviced after collecting: a session that stays due is re-armed and
+        # handled on the next poll (select timeout 0), never spun on here
+        for c in due:
             self._service(c, now)
 
     def phase_complete(self) -> bool:

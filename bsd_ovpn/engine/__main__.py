@@ -1,23 +1,18 @@
 """``python3 -m bsd_ovpn.engine``: run the userspace engine (same as ``ovpnctl engine run``).
 
-Both entry points agree: the socket defaults to ``--socket``, else
-``$BSD_OVPN_ENGINE_SOCKET``, else :data:`bsd_ovpn.paths.ENGINE_SOCKET`
-(resolved by :func:`bsd_ovpn.engines.engine_socket_path`), the log lines look
-the same and go through :func:`bsd_ovpn.logutil.harden`.  This one also takes
-``--dataplane`` (the C or the Python packet mover), for tests and debugging.
+Both entry points call :func:`bsd_ovpn.engine.daemon.run`: the socket
+defaults to ``--socket``, else ``$BSD_OVPN_ENGINE_SOCKET``, else
+:data:`bsd_ovpn.paths.ENGINE_SOCKET`, and log lines go through
+:func:`bsd_ovpn.logutil.harden` (:func:`~bsd_ovpn.engine.daemon.setup_logging`).  This entry point needs only the standard
+library's argparse, for hosts or service managers that avoid the CLI.
 """
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import signal
 import sys
 
-from bsd_ovpn import engines, logutil
-from bsd_ovpn.engine.daemon import DATAPLANE_KINDS
-
-log = logging.getLogger("bsd_ovpn.engine")
+from bsd_ovpn import engines
+from bsd_ovpn.engine.daemon import DATAPLANE_KINDS, EngineStartError, run, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,33 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    root = logging.getLogger()
-    before = list(root.handlers)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s engine: %(message)s")
-    for handler in root.handlers:                 # redaction + rate limit on our own handler
-        if handler not in before:
-            logutil.harden(handler)
-    if os.geteuid() != 0:
-        print("bsd_ovpn engine: must run as root (tun devices, shared UDP ports)", file=sys.stderr)
-        return 1
-    from bsd_ovpn.engine import daemon as daemon_mod
-    parent = os.path.dirname(os.path.abspath(args.socket))
+    setup_logging(verbose=args.verbose)
     try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        daemon = daemon_mod.EngineDaemon(args.socket, group=args.group, dataplane=args.dataplane)
-    except KeyError:
-        print(f"bsd_ovpn engine: --group {args.group!r}: no such group", file=sys.stderr)
+        run(args.socket, group=args.group, dataplane=args.dataplane,
+            replay_protection=not args.no_replay_protection)
+    except EngineStartError as exc:
+        print(f"bsd_ovpn engine: {exc}", file=sys.stderr)
         return 1
-    except (RuntimeError, OSError) as exc:
-        print(f"bsd_ovpn engine: cannot start the engine at {args.socket}: {exc}",
-              file=sys.stderr)
-        return 1
-    daemon.engine.replay_protection = not args.no_replay_protection
-    signal.signal(signal.SIGTERM, daemon.stop)
-    signal.signal(signal.SIGINT, daemon.stop)
-    log.info("listening on %s", args.socket)
-    daemon.serve_forever()
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Callable
 from bsd_ovpn.engine import steering, tun as tunmod
 from bsd_ovpn.engine.commands import Engine, KAddr, SocketInfo, inspect_socket
 from bsd_ovpn.engine.dataplane import DataPlane, PythonDataPlane
+from bsd_ovpn.errors import OvpnError
 
 log = logging.getLogger("bsd_ovpn.engine")
 
@@ -348,8 +349,47 @@ class EngineDaemon:
         return REP.pack(MAGIC, E.EOPNOTSUPP)
 
 
-def run(socket_path: str, *, group: str | None = None, dataplane: str = "auto") -> None:
-    daemon = EngineDaemon(socket_path, group=group, dataplane=dataplane)
+def setup_logging(verbose: bool = False) -> None:
+    """Engine log lines on stderr, redacted and rate-limited (see :mod:`bsd_ovpn.logutil`)."""
+    from bsd_ovpn import logutil
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s engine: %(message)s")
+    for handler in root.handlers:
+        if handler not in before:
+            logutil.harden(handler)
+
+
+class EngineStartError(OvpnError):
+    """The engine daemon could not start; the message says why."""
+
+
+def run(socket_path: str, *, group: str | None = None, dataplane: str = "auto",
+        replay_protection: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT: what ``ovpnctl engine run`` and ``python3 -m bsd_ovpn.engine`` do.
+
+    One implementation for both entry points, so their checks, socket
+    directory, log lines and signal handling cannot drift apart.
+    """
+    if os.geteuid() != 0:
+        raise EngineStartError("the engine must run as root (it creates tun devices and "
+                               "shares UDP ports)")
+    parent = os.path.dirname(os.path.abspath(socket_path))
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise EngineStartError(f"socket {socket_path}: cannot create {parent}: "
+                               f"{exc.strerror}") from None
+    try:
+        daemon = EngineDaemon(socket_path, group=group, dataplane=dataplane)
+    except KeyError:
+        raise EngineStartError(f"--group {group!r}: no such group") from None
+    except (RuntimeError, OSError) as exc:
+        raise EngineStartError(f"cannot start the engine at {socket_path}: {exc}") from None
+    daemon.engine.replay_protection = replay_protection
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
+    log.info("listening on %s", socket_path)
     daemon.serve_forever()

@@ -3,7 +3,7 @@
 The control channel carries an ordinary TLS stream inside reliable control
 packets (protocol spec §7).  We need three things the stdlib ``ssl`` module
 lacks or makes awkward: RFC 5705 keying-material export (EKM, §9.2), a verify
-callback to add OpenVPN's own checks (``remote-cert-tls``,
+callback to add OpenVPN's own checks (``remote-cert-tls``, ``remote-cert-eku``,
 ``verify-x509-name``) with messages a person can act on, and exact control
 over record boundaries (each KM2 / control message is ONE ``SSL_write``, §4.2).
 pyOpenSSL's ``Connection(ctx, None)`` is a pure memory-BIO TLS object.
@@ -234,7 +234,7 @@ def _tls12_cipher_token(token: str) -> str:
                                  f"OpenSSL names it (see 'openssl ciphers -stdname'), TLS 1.3 "
                                  f"suites belong in tls-ciphersuites")
         return token
-    kx, auth, bulk, bits, mac = m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
+    kx, auth, bits, mac = m.group(1), m.group(2), m.group(4), m.group(5)
     if bits is not None:
         return f"{kx}-{auth}-AES{bits}-GCM-{mac}"
     return f"{kx}-{auth}-CHACHA20-POLY1305"

@@ -761,15 +761,15 @@ def test_cli_against_in_process_engine(run, engine_socket):
 
 
 def test_engine_run_refusals(run, monkeypatch, tmp_path):
-    from bsd_ovpn.cli import engine as engine_cmd
+    from bsd_ovpn.engine import daemon as engine_daemon
     path = str(tmp_path / "e.sock")
-    monkeypatch.setattr(engine_cmd.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(engine_daemon.os, "geteuid", lambda: 1000)
     code, _, err = run(["engine", "run", "--socket", path])
     assert code == 1
     one_line_error(err, "must run as root")
-    monkeypatch.setattr(engine_cmd.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(engine_daemon.os, "geteuid", lambda: 0)
     code, _, err = run(["engine", "run", "--socket", path, "--group", "no-such-group-xq"])
-    assert code == 2
+    assert code == 1
     one_line_error(err, "--group 'no-such-group-xq': no such group")
     assert not os.path.exists(path)
 

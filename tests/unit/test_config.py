@@ -673,6 +673,7 @@ def test_tls_policy_reaches_tls_config() -> None:
     (CLIENT_HEAD, "ping-exit 60", "ping-exit"),
     (CLIENT_HEAD, "pull-filter ignore redirect-gateway", "pull-filter"),
     (CLIENT_HEAD, "persist-remote-ip", "persist-remote-ip"),
+    (CLIENT_HEAD, "route-metric 50", "route-metric"),
 ])
 def test_not_yet_supported_by_ovpnctl(head: str, line: str, directive: str) -> None:
     tail = CLIENT_TAIL if head is CLIENT_HEAD else ""
@@ -706,8 +707,8 @@ def test_pending_directives_parse_into_typed_fields(daemons_ready, tmp_path) -> 
     c = loads(SERVER_HEAD + "ifconfig-pool-persist /var/lib/ipp.txt\n")
     assert c.ifconfig_pool_persist == PoolPersist("/var/lib/ipp.txt", 600)
     c = loads(CLIENT_HEAD + CLIENT_TAIL + "ping-exit 120\npull-filter ignore \"route \"\n"
-              "pull-filter reject redirect-gateway\npersist-remote-ip\n")
-    assert c.ping_exit == 120 and c.persist_remote_ip
+              "pull-filter reject redirect-gateway\npersist-remote-ip\nroute-metric 50\n")
+    assert c.ping_exit == 120 and c.persist_remote_ip and c.route_metric == 50
     assert c.pull_filters == [("ignore", "route "), ("reject", "redirect-gateway")]
 
 
@@ -769,9 +770,9 @@ def test_walkthrough_table_lists_exactly_what_config_does() -> None:
     table = doc[doc.index("Supported, compared with OpenVPN 2.6"):]
     rows = re.findall(r"^   \* - (.*)\n     - (.*)\n", table, re.M)
     status: dict[str, set[str]] = {}
-    for feature, st in rows:
+    for feature, verdict in rows:
         for lit in re.findall(r"``([^`]+)``", feature):
-            status.setdefault(lit.split()[0].strip("<>/"), set()).add(st.strip())
+            status.setdefault(lit.split()[0].strip("<>/"), set()).add(verdict.strip())
     noop_row = [f for f, _ in rows if "config.NOOP_DIRECTIVES" in f]
     assert len(noop_row) == 1
     listed = {lit for lit in re.findall(r"``([^`]+)``", noop_row[0])} - {"config.NOOP_DIRECTIVES"}
@@ -792,3 +793,13 @@ def test_replay_window_is_the_kernels_fixed_64() -> None:
         err = _load_error(CLIENT_HEAD + f"replay-window {n}\n" + CLIENT_TAIL)
         assert err.directive == "replay-window" and err.line == 4
         assert "fixed at 64 packets" in str(err)
+
+
+def test_mssfix_only_off() -> None:
+    assert loads(CLIENT_HEAD + CLIENT_TAIL + "mssfix 0\n").mssfix == 0
+    for line in ("mssfix", "mssfix 1400", "mssfix 1450 mtu"):
+        err = _load_error(CLIENT_HEAD + line + "\n" + CLIENT_TAIL)
+        assert err.directive == "mssfix" and err.line == 4
+        assert "does not clamp TCP MSS" in str(err)
+    err = _load_error(CLIENT_HEAD + "mssfix 0 sometimes\n" + CLIENT_TAIL)
+    assert "must be one of: mtu, fixed" in str(err)

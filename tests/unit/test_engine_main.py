@@ -52,9 +52,9 @@ class _FakeDaemon:
 
 
 def test_main_passes_its_options_to_the_daemon(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(engine_main.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(daemon_mod.os, "geteuid", lambda: 0)
     monkeypatch.setattr(daemon_mod, "EngineDaemon", _FakeDaemon)
-    monkeypatch.setattr(engine_main.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(daemon_mod.signal, "signal", lambda *a: None)
     monkeypatch.setenv(engines.ENGINE_SOCKET_ENV, str(tmp_path / "run" / "e.sock"))
     _FakeDaemon.made.clear()
     with caplog.at_level(logging.INFO, logger="bsd_ovpn.engine"):
@@ -67,7 +67,7 @@ def test_main_passes_its_options_to_the_daemon(monkeypatch, tmp_path, caplog):
 
 
 def test_main_refuses_without_root(monkeypatch, capsys):
-    monkeypatch.setattr(engine_main.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(daemon_mod.os, "geteuid", lambda: 1000)
     assert engine_main.main(["--socket", "/nonexistent/x.sock"]) == 1
     assert "must run as root" in capsys.readouterr().err
 
