@@ -540,7 +540,7 @@ def print_table(results: list[RunResult]) -> None:
          kb_ours <= TARGET_KB_PER_CLIENT),
         ("RSS per client, ours/stock", _ratio(kb_ours, kb_stock), "", None),
         ("rekey all, no client dropped (ours)",
-         "/".join("n/a" if d is None else f"{d} dropped" for d in dropped), "0 dropped",
+         "/".join("n/a" if d is None else str(d) for d in dropped) + " dropped", "0 dropped",
          rekey_ok),
     ]
     for name, val, target, ok in checks:

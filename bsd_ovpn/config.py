@@ -50,8 +50,8 @@ DEFAULT_DATA_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
 #: says why.  Anything else is implemented, refused (UNSUPPORTED_DIRECTIVES) or refused
 #: until the daemon implements it (NOT_YET_SUPPORTED).
 NOOP_DIRECTIVES: dict[str, str] = {
-    "persist-key": "keys and certificates are read once at start and kept in memory over "
-                   "reconnects; nothing is re-read that could fail after dropping privileges",
+    "persist-key": "keys and certificates are read at start (and on SIGHUP, as in OpenVPN) "
+                   "and kept in memory over reconnects and ping-restarts",
     "persist-local-ip": "the local address is resolved once at start and never again",
     "key-derivation": "only meaningful when pushed by a server; the key derivation (TLS-EKM "
                       "or the OpenVPN PRF) is negotiated through IV_PROTO as in 2.6",
@@ -78,23 +78,18 @@ NOOP_DIRECTIVES: dict[str, str] = {
 }
 
 #: Parsed and validated here, but ovpnctl does not act on them yet: a config that uses
-#: them with an effect (see _not_yet_active) fails to load with "not supported yet by
+#: them with an effect (see _Post.not_yet_supported) fails to load with "not supported yet by
 #: ovpnctl".  Whoever implements the behaviour deletes the entry in the same change
 #: (tests/unit/test_config.py lists these cases).
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "username-as-common-name": "the server does not yet use the auth-user-pass username as "
-                               "the client's common name",
-    "ifconfig-pool-persist": "the server does not yet read or write the pool persistence "
-                             "file; addresses are handed out afresh at each start",
     "reneg-bytes": "byte-count renegotiation is not implemented yet (only reneg-sec and the "
                    "data channel's packet-counter ROTATE_KEY)",
     "reneg-pkts": "packet-count renegotiation is not implemented yet (only reneg-sec and "
                   "the data channel's packet-counter ROTATE_KEY)",
-    "ping-exit": "the client does not yet exit after the ping-exit timeout (use "
-                 "ping-restart / keepalive)",
+    "ping-exit": "ovpnctl does not yet exit after ping-exit seconds without a packet from "
+                 "the peer (use ping-restart / keepalive)",
     "pull-filter": "the client does not yet filter pushed options",
     "persist-remote-ip": "the client resolves the remote again on every reconnect",
-    "bind": "'bind ipv6only' is not implemented: a udp6 server socket is dual-stack",
     "route-metric": "the default metric is not applied yet (give the metric on each route "
                     "line instead)",
 }

@@ -136,6 +136,7 @@ class ClientRecord:
     pings_sent: int = 0
     data_received: int = 0
     data_errors: int = 0
+    last_data_error: str | None = None
     new_key_data: int = 0              # data packets received on the rekeyed key_id
     control_dropped: int = 0
     pushed: tuple[str, ...] = ()
@@ -424,11 +425,14 @@ class _Worker:
                 dc = c.dcs.get(data[0] & 7)
                 if dc is None:
                     c.rec.data_errors += 1
+                    c.rec.last_data_error = (f"data packet for key_id {data[0] & 7} without "
+                                             f"keys (have {sorted(c.dcs)})")
                     continue
                 try:
                     dc.decrypt(data, now)
-                except DataChannelError:
+                except DataChannelError as exc:
                     c.rec.data_errors += 1
+                    c.rec.last_data_error = f"{type(exc).__name__}: {exc}"
                     continue
                 c.rec.data_received += 1
                 if dc.key_id == c.rec.rekey_key_id:

@@ -43,6 +43,7 @@ def _ours_gone(engines: Engines, host: Any, timeout: float = 10.0) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client_kind", [STOCK, OURS])
 def test_timeout_client(pair: Any, scenario: Scenario, ovpn_engines: Engines,
                         client_kind: str) -> None:
@@ -65,6 +66,7 @@ def test_timeout_client(pair: Any, scenario: Scenario, ovpn_engines: Engines,
     assert t.server.running
 
 
+@pytest.mark.slow
 def test_our_client_notices_vanished_server(pair: Any, scenario: Scenario,
                                             ovpn_engines: Engines) -> None:
     """Mirror of timeout_client: a stock server is SIGKILLed; our client's keepalive
@@ -137,6 +139,7 @@ def test_destroy_unused(pair: Any, ovpn_engines: Engines, ovpnctl: OvpnctlFactor
     _ours_gone(ovpn_engines, pair.client)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sides", SIDES_ALL)
 def test_server_restart_clients_reconnect(pair: Any, scenario: Scenario,
                                           sides: tuple[str, str]) -> None:
@@ -164,6 +167,7 @@ def test_server_restart_clients_reconnect(pair: Any, scenario: Scenario,
         assert st["state"] == "connected" and st["clients"][0]["packets_in"] >= 3, st
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sides", SIDES_ALL)
 def test_float(fresh_pair: Any, scenario: Scenario, sides: tuple[str, str]) -> None:
     """The client's address changes from .2 to .5 under a live tunnel (keepalive 1 s):

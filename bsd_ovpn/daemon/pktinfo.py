@@ -84,8 +84,10 @@ def parse(ancdata: list[tuple[int, int, bytes]]) -> Local | None:
             return Local(str(ip), ifindex)
         if level == socket.IPPROTO_IP and IP_PKTINFO is not None and kind == IP_PKTINFO \
                 and len(data) >= _IN_PKTINFO.size:
-            ifindex, _spec, addr = _IN_PKTINFO.unpack_from(data)
-            return Local(socket.inet_ntop(socket.AF_INET, addr), ifindex)
+            # ipi_spec_dst: the local address (for a broadcast, the interface's own,
+            # not the header's destination), which is what a reply must come from
+            ifindex, spec_dst, _header_dst = _IN_PKTINFO.unpack_from(data)
+            return Local(socket.inet_ntop(socket.AF_INET, spec_dst), ifindex)
         if level == socket.IPPROTO_IP and IP_RECVDSTADDR is not None and kind == IP_RECVDSTADDR \
                 and len(data) >= 4:
             return Local(socket.inet_ntop(socket.AF_INET, data[:4]), 0)

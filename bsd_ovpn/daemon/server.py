@@ -40,6 +40,7 @@ from bsd_ovpn.settings import tls_config_from
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
 from bsd_ovpn.daemon.loop import IfOvpnPeers, DaemonError, log
 from bsd_ovpn.daemon.netcfg import NetConfig
+from bsd_ovpn.daemon.poolpersist import PoolPersistence
 
 #: kernel routes for iroutes get this metric, as OpenVPN's DCO code installs them
 IROUTE_METRIC = 100
@@ -109,11 +110,27 @@ class AddressPool:
             if 0 <= i < self._v6_size:
                 self._v6_hint = min(self._v6_hint, i)
 
+    def free_in_pool(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        """``ip`` belongs to the pool and nobody has it (ifconfig-pool-persist's wish)."""
+        if ip is None or self._is_taken(ip.version, int(ip)):
+            return False
+        if ip.version == 4:
+            return bool(self.v4) and int(self.v4[0]) <= int(ip) <= int(self.v4[-1])
+        if self.v6_base is None:
+            return False
+        return 0 <= int(ip) - int(self.v6_base.ip) < self._v6_size
+
     def allocate(self, peer_id: int, fixed4: ipaddress.IPv4Address | None = None,
-                 fixed6: ipaddress.IPv6Address | None = None
+                 fixed6: ipaddress.IPv6Address | None = None, *,
+                 prefer4: ipaddress.IPv4Address | None = None,
+                 prefer6: ipaddress.IPv6Address | None = None
                  ) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+        """``fixed*``: client-config-dir addresses; ``prefer*``: taken when still free
+        in the pool (ifconfig-pool-persist), else the lowest free one."""
         if peer_id not in self._v4_used:
             ip4 = fixed4
+            if ip4 is None and self.free_in_pool(prefer4):
+                ip4 = prefer4
             if ip4 is None and self.v4:
                 i, first = self._v4_hint, int(self.v4[0])
                 while i < len(self.v4) and self._is_taken(4, first + i):
@@ -127,6 +144,8 @@ class AddressPool:
                 self._take(ip4)
         if peer_id not in self._v6_used:
             ip6 = fixed6
+            if ip6 is None and self.free_in_pool(prefer6):
+                ip6 = prefer6
             if ip6 is None and self.v6_base is not None:
                 i, base = self._v6_hint, int(self.v6_base.ip)
                 while i < self._v6_size and self._is_taken(6, base + i):
@@ -195,6 +214,8 @@ class ServerDaemon:
         self.call_soon = call_soon or (lambda fn: fn())
         self.dc = IfOvpnPeers(ifc, sock)
         self.pool = AddressPool(cfg)
+        pp = cfg.ifconfig_pool_persist
+        self.persist = PoolPersistence(pp.path if pp else None, pp.seconds if pp else 0)
         self.records: dict[int, ClientRecord] = {}
         self.started = wall()
         self.stopping = False
@@ -277,6 +298,7 @@ class ServerDaemon:
             self.endpoint.handle_timer(now)
         self.handle_notifications(now)
         self.pump(now)
+        self.persist.tick(now)
 
     def pump(self, now: float) -> None:
         """Events first (so the kernel knows a peer before its PUSH_REPLY leaves), then datagrams."""
@@ -313,8 +335,8 @@ class ServerDaemon:
         if isinstance(e, ev.HandshakeComplete):
             rec.common_name = e.peer_common_name
         elif isinstance(e, ev.PeerAuthenticated):
-            rec.common_name = e.peer_common_name
             rec.username = e.username or rec.username
+            rec.common_name = self._effective_cn(e.peer_common_name, rec.username)
             if e.key_id == 0:
                 self._enforce_unique_cn(rec, now)
         elif isinstance(e, ev.AuthRequest):
@@ -471,7 +493,11 @@ class ServerDaemon:
             fixed4 = ipaddress.IPv4Address(ccd.ifconfig_push[0])
         if ccd is not None and ccd.ifconfig_ipv6_push is not None:
             fixed6 = ipaddress.IPv6Interface(ccd.ifconfig_ipv6_push[0]).ip
-        rec.vpn_ipv4, rec.vpn_ipv6 = self.pool.allocate(rec.peer_id, fixed4, fixed6)
+        p4, p6 = self.persist.preferred(rec.common_name)
+        rec.vpn_ipv4, rec.vpn_ipv6 = self.pool.allocate(rec.peer_id, fixed4, fixed6,
+                                                        prefer4=p4, prefer6=p6)
+        if fixed4 is None and fixed6 is None:
+            self.persist.note(rec.common_name, rec.vpn_ipv4, rec.vpn_ipv6)
 
     def _iroutes(self, rec: ClientRecord) -> list[tuple[Any, str]]:
         ccd = self._ccd(rec)
@@ -495,6 +521,9 @@ class ServerDaemon:
             addr = self.endpoint.client_addr(pid)
             rec = self.records[pid] = ClientRecord(pid, addr, session,
                                                    session.peer_common_name)
+        if self.cfg.username_as_common_name and session.username \
+                and rec.common_name != session.username:
+            rec.common_name, rec.ccd = session.username, None
         self._allocate(rec)
         ccd = self._ccd(rec)
         opts = [] if ccd is not None and ccd.push_reset else list(self.cfg.push)
@@ -526,8 +555,9 @@ class ServerDaemon:
         if not proto & IVProto.DATA_V2:
             return (False, "client does not support the P_DATA_V2 packet format, which "
                     "if_ovpn needs (upgrade the client to OpenVPN 2.4 or later)")
-        if self.cfg.client_config_dir is not None and req.peer_common_name:
-            tmp = ClientRecord(-1, None, None, req.peer_common_name)
+        cn = self._effective_cn(req.peer_common_name, req.username)
+        if self.cfg.client_config_dir is not None and cn:
+            tmp = ClientRecord(-1, None, None, cn)
             try:
                 ccd = self._ccd(tmp)
             except ConfigError as exc:
@@ -539,8 +569,15 @@ class ServerDaemon:
         if self.cfg.auth_user_pass_verify is not None:
             return None
         if req.key_id == 0:
-            self._replace_same_cn(req.peer_common_name)
+            self._replace_same_cn(cn)
         return True
+
+    def _effective_cn(self, cert_cn: str | None, username: str | None) -> str | None:
+        """``username-as-common-name``: the username stands for the certificate's CN
+        everywhere a common name is used (ccd, duplicate-cn, status, kill)."""
+        if self.cfg.username_as_common_name and username:
+            return username
+        return cert_cn
 
     def _start_auth_script(self, rec: ClientRecord, req: ev.AuthRequest) -> None:
         """auth-user-pass-verify, run on a worker thread; the answer comes back on the loop."""
@@ -687,6 +724,7 @@ class ServerDaemon:
 
     def close(self) -> None:
         """Destroy the interface (the kernel deletes every peer) and remove our routes."""
+        self.persist.write()                  # ifconfig-pool-persist: at exit too
         if self.records:
             log.info("dropping %d clients: %s", len(self.records),
                      ", ".join(f"{r.peer_id} {r.common_name}" for r in self.records.values()))
@@ -802,6 +840,14 @@ def bind_address(cfg: configmod.Config) -> tuple:
     return ("::", port) if cfg.proto == "udp6" else ("0.0.0.0", port)
 
 
+def socket_v6only(cfg: configmod.Config) -> bool | None:
+    """IPV6_V6ONLY for the server socket: udp6 is dual-stack unless ``bind ipv6only``
+    (None: leave an IPv4 socket alone)."""
+    if cfg.proto == "udp6" or cfg.bind_ipv6only:
+        return bool(cfg.bind_ipv6only)
+    return None
+
+
 #: the control socket's receive buffer: a burst of ~2500 small datagrams (1000 clients'
 #: resets at once) while the loop is busy in TLS.  Linux's 208 KiB default holds ~250, and
 #: each one dropped costs its client a 2-4-8 s retransmission back-off.
@@ -842,7 +888,7 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
         ifc = create_interface(transport, cfg.dev or "tun", ifmode="subnet")
         local = bind_address(cfg)
         try:
-            sock = make_udp_socket(local, v6only=False if cfg.proto == "udp6" else None)
+            sock = make_udp_socket(local, v6only=socket_v6only(cfg))
         except OSError as exc:
             raise DaemonError(f"cannot bind UDP {local[0]}:{local[1]}: {exc.strerror}") from exc
         sock.setblocking(False)

@@ -33,6 +33,7 @@ from bsd_ovpn.proto.packet import (
     encode_tlvs, peek,
 )
 from bsd_ovpn.proto.session import Session, SessionSettings
+from bsd_ovpn.proto.states import KSState
 from bsd_ovpn.proto.wrap import TLSCryptV2Server, early_negotiation_marker
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,9 @@ class ServerEndpoint:
         self._touched: dict[_Client, None] = {}
         self._timers: list[tuple[float, int, _Client]] = []
         self._seq = itertools.count()
+        # stateful sessions of legacy tls-crypt-v2 resets, oldest first: evictable while
+        # the sender has not acknowledged our reset (a spoofed source never does)
+        self._unproven: dict[_Client, None] = {}
         self.dropped = 0
         self.last_error: str | None = None
         self.cookie_resets_sent = 0
@@ -355,7 +359,7 @@ class ServerEndpoint:
             return self._drop(f"from {addr}: invalid or expired HMAC cookie")
         if replaces is not None:
             self._remove(replaces, "replaced by a new session from the same address")
-        peer_id = self._allocate_peer_id()
+        peer_id = self._allocate_peer_id(evict=True)
         if peer_id is None:
             return self._drop(f"from {addr}: max-clients {self.settings.max_clients} reached")
         wrap.send_packet_id = 1           # our stateless reset used replay packet-id 1
@@ -370,15 +374,27 @@ class ServerEndpoint:
 
     def _create_stateful(self, pkt: ControlPacket, addr: Addr, wrap: Any, now: float,
                          replaces: _Client | None, local: Any = None) -> bool:
+        """A legacy tls-crypt-v2 reset (no early negotiation): state at once, unproven.
+
+        Nothing proves yet that the sender receives our packets (anyone holding a
+        v2 client key can send these from spoofed sources), so such a session
+        never replaces an established one at the same address (OpenVPN keeps the
+        active session until a new one authenticates; the real client retries),
+        and an unproven one is evicted, oldest first, when max-clients is reached.
+        """
         if replaces is not None:
+            if replaces.session.established and replaces.session.terminated is None:
+                return self._drop(f"from {addr}: legacy tls-crypt-v2 reset while a session "
+                                  "is established there (kept the established one)")
             self._remove(replaces, "replaced by a new session from the same address")
-        peer_id = self._allocate_peer_id()
+        peer_id = self._allocate_peer_id(evict=True)
         if peer_id is None:
             return self._drop(f"from {addr}: max-clients {self.settings.max_clients} reached")
         session = Session.accept_reset(self._session_settings(), wrap, now,
                                        client_sid=pkt.session_id, peer_id=peer_id)
         client = _Client(addr, peer_id, session, getattr(wrap, "metadata", None), local=local)
         self._add(client)
+        self._unproven[client] = None       # left when it leaves: bounded by max-clients
         ok = session.receive_packet(pkt, now)
         self._collect(client)
         return ok
@@ -391,13 +407,28 @@ class ServerEndpoint:
             return dataclasses.replace(st.session, client_push=self._pool_push)
         return st.session
 
-    def _allocate_peer_id(self) -> int | None:
+    def _allocate_peer_id(self, *, evict: bool = False) -> int | None:
         if len(self._clients) >= self.settings.max_clients:
-            return None
+            if not evict or not self._evict_unproven():
+                return None
         for pid in range(self.settings.max_clients):
             if pid not in self._by_peer_id:
                 return pid
         return None
+
+    def _evict_unproven(self) -> bool:
+        """Drop the oldest stateful session whose sender never acknowledged our reset."""
+        while self._unproven:
+            c = next(iter(self._unproven))
+            del self._unproven[c]
+            p = c.session.primary
+            if self._by_peer_id.get(c.peer_id) is not c or p is None \
+                    or p.state != KSState.PRE_START:
+                continue                        # gone, or proven meanwhile
+            self._remove(c, "max-clients reached: evicted a session whose sender never "
+                         "acknowledged our reset")
+            return True
+        return False
 
     def _add(self, client: _Client) -> None:
         self._clients[client.addr] = client
@@ -447,6 +478,7 @@ class ServerEndpoint:
         self._collect(client, remove=False)
         self._clients.pop(client.addr, None)
         self._by_peer_id.pop(client.peer_id, None)
+        self._unproven.pop(client, None)
         client.timer_seq = -1
 
     def _collect(self, client: _Client, *, remove: bool = True) -> None:
@@ -457,6 +489,7 @@ class ServerEndpoint:
             # keep nothing of a finished client (hand-window expiry included)
             self._clients.pop(client.addr, None)
             self._by_peer_id.pop(client.peer_id, None)
+            self._unproven.pop(client, None)
             client.timer_seq = -1
 
     def _drop(self, why: str) -> bool:

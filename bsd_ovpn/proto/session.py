@@ -429,6 +429,8 @@ class Session:
         Like OpenVPN, the instance is forgotten after a short delay at most.
         Without a finished TLS handshake there is nobody to tell: ends now.
         """
+        if message != "RESTART" and not message.startswith("RESTART,"):
+            raise LocalProtocolError(f"restart() sends RESTART[,...], not {message!r}")
         if self.terminated is not None:
             return
         p = self.primary
@@ -439,8 +441,6 @@ class Session:
             deadline, reason, text = self._closing
             self._closing = (min(deadline, now + linger), reason, text)
             return
-        if not message.startswith("RESTART"):
-            raise LocalProtocolError(f"restart() sends RESTART[,...], not {message!r}")
         self._send_control_message(p, message)
         self._closing = (now + linger, "restart", f"session closed locally ({message} sent)")
 

@@ -170,6 +170,9 @@ def _openssl_long_name(text: str) -> str | None:
                              "pyOpenSSL binding does not expose")
     nid = _lib.OBJ_txt2nid(text.encode("ascii"))
     if nid == _lib.NID_undef:
+        # a failed lookup leaves an error on OpenSSL's (per-thread) queue, where the next
+        # pyOpenSSL call would find it and raise it as its own failure
+        _lib.ERR_clear_error()
         return None
     ln = _lib.OBJ_nid2ln(nid)
     return _ffi.string(ln).decode("ascii", "replace") if ln != _ffi.NULL else None
@@ -184,9 +187,10 @@ def check_remote_cert_eku(value: str) -> str:
     match.  A short name such as ``serverAuth`` would silently reject every
     peer there; here it is an error that says what to write instead.
     """
-    if not isinstance(value, str) or not value or "\0" in value or not value.isascii():
+    if not isinstance(value, str) or not value:
         raise TLSConfigError(f"remote-cert-eku needs an OID or an OpenSSL long name, "
                              f"got {value!r}")
+    _check_text(value, "remote-cert-eku", spaces=True)     # long names have spaces
     if _DOTTED_OID.fullmatch(value):
         return value
     ln = _openssl_long_name(value)
@@ -226,6 +230,16 @@ _IANA_TLS12 = re.compile(r"TLS[-_](ECDHE|DHE)[-_](ECDSA|RSA)[-_]WITH[-_]"
 _TLS_VERSION_NAMES = ("1.0", "1.1", "1.2", "1.3")
 
 
+def _check_text(value: str, what: str, *, spaces: bool = False) -> None:
+    """Printable ASCII only: these strings go to OpenSSL as C strings (a NUL would cut them)."""
+    if not isinstance(value, str) or any(not (33 <= ord(c) <= 126 or (spaces and c == " "))
+                                         for c in value):
+        raise TLSConfigError(f"{what}: {value!r} contains characters other than printable "
+                             f"ASCII")
+    if len(value) > 4096:
+        raise TLSConfigError(f"{what}: longer than 4096 characters")
+
+
 def _tls12_cipher_token(token: str) -> str:
     m = _IANA_TLS12.fullmatch(token)
     if m is None:
@@ -252,14 +266,13 @@ def openssl_cipher_list(value: str) -> bytes:
     must select at least one suite on its own, and the whole list must leave
     at least one TLS 1.2 suite.
     """
+    _check_text(value, "tls-cipher")
     tokens = [t for t in value.split(":") if t]
     if not tokens:
         raise TLSConfigError("tls-cipher: empty cipher list")
     out = []
     for tok in tokens:
         name = _tls12_cipher_token(tok)
-        if not name.isascii() or any(c.isspace() for c in name):
-            raise TLSConfigError(f"tls-cipher: bad entry {tok!r}")
         if name[0] not in "!-+@":
             probe = SSL.Context(SSL.TLS_METHOD)
             try:
@@ -287,6 +300,7 @@ def openssl_ciphersuites(value: str) -> bytes:
     OpenVPN accepts ``TLS-AES-256-GCM-SHA384`` as well as the IANA underscores;
     OpenSSL ignores names it does not know, so unknown ones are an error here.
     """
+    _check_text(value, "tls-ciphersuites")
     names = [t.replace("-", "_") for t in value.split(":") if t]
     if not names:
         raise TLSConfigError("tls-ciphersuites: empty list")
@@ -294,7 +308,7 @@ def openssl_ciphersuites(value: str) -> bytes:
         probe = SSL.Context(SSL.TLS_METHOD)
         try:
             probe.set_tls13_ciphersuites(name.encode("ascii"))
-        except (SSL.Error, UnicodeEncodeError):
+        except SSL.Error:
             raise TLSConfigError(f"tls-ciphersuites: unknown TLS 1.3 suite {name!r}") from None
         if name not in SSL.Connection(probe, None).get_cipher_list():
             raise TLSConfigError(f"tls-ciphersuites: unknown TLS 1.3 suite {name!r} "
@@ -307,17 +321,20 @@ def _set_groups(ctx: SSL.Context, groups: bytes) -> bool:
     if fn is None:  # pragma: no cover - every OpenSSL 1.1+/3 binding has it
         raise TLSConfigError("tls-groups needs SSL_CTX_set1_curves_list, which this "
                              "pyOpenSSL binding does not expose")
-    return bool(fn(ctx._context, groups) == 1)  # noqa: SLF001 - see the binding note above
+    ok = fn(ctx._context, groups) == 1  # noqa: SLF001 - see the binding note above
+    if not ok:
+        _lib.ERR_clear_error()          # see _openssl_long_name
+    return bool(ok)
 
 
 def openssl_groups(value: str) -> bytes:
     """``--tls-groups`` (key exchange groups, e.g. ``X25519:secp256r1``), each one checked."""
+    _check_text(value, "tls-groups")
     names = [t for t in value.split(":") if t]
     if not names:
         raise TLSConfigError("tls-groups: empty list")
     for name in names:
-        if not name.isascii() or not _set_groups(SSL.Context(SSL.TLS_METHOD),
-                                                 name.encode("ascii")):
+        if not _set_groups(SSL.Context(SSL.TLS_METHOD), name.encode("ascii")):
             raise TLSConfigError(f"tls-groups: unknown group {name!r} (e.g. X25519, "
                                  f"secp256r1, secp384r1, ffdhe2048)")
     return ":".join(names).encode("ascii")

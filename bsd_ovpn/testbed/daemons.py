@@ -179,6 +179,7 @@ class Engines:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="bovpn-eng-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._engines: dict[str, EngineDaemon] = {}
+        self._started = 0
         self.kernel = kernel_engine()
 
     def engine(self, host: Host) -> EngineDaemon | None:
@@ -188,7 +189,8 @@ class Engines:
         eng = self._engines.get(host.ident)
         if eng is not None and eng.running and not host.closed:
             return eng
-        n = len(self._engines)
+        n = self._started
+        self._started += 1
         sock = str(self.workdir / f"e{n}.sock")
         if os.path.exists(sock):
             os.unlink(sock)

@@ -1,5 +1,5 @@
 """``ovpnctl server`` under abuse, in network namespaces (the in-memory versions are in
-tests/unit/test_abuse.py).
+tests/unit/test_server_abuse.py).
 
 Three hosts on one segment: the server (192.0.2.1, 2001:db8:2::1), a real
 client (192.0.2.2) and an attacker (192.0.2.3 plus 200 more IPv4 and 50 IPv6
@@ -347,7 +347,7 @@ def test_replayed_control_and_data_packets_are_dropped(net: Net, pki: PKI, wrap_
     srv.wait_ready(30)
     client_if = [i for i in net.client.interfaces() if i != "lo"][0]
     cap = tmp_path / "cap.json"
-    sniff = net.client.popen([sys.executable, "-c", SNIFF, client_if, SERVER_IP, "1194", "6",
+    sniff = net.client.popen([sys.executable, "-c", SNIFF, client_if, SERVER_IP, "1194", "10",
                               str(cap)], stdout=-1, text=True)
     assert sniff.stdout.readline().strip() == "sniffing"
     cli = stock_openvpn.client(net.client, remote=SERVER_IP, cert=pki.client("victim"))

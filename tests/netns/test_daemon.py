@@ -205,6 +205,7 @@ def test_stock_client_to_ovpnctl_server(two_hosts: TwoHosts, pki: PKI, wrap_keys
     assert engine_interfaces(eng) == []
 
 
+@pytest.mark.slow
 @pytest.mark.iperf3
 def test_ovpnctl_client_to_stock_server(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys,
                                         stock_openvpn, daemons: Daemons, iperf,
@@ -238,6 +239,7 @@ def test_ovpnctl_client_to_stock_server(two_hosts: TwoHosts, pki: PKI, wrap_keys
     assert ifaces_without_lo(two.client) == before
 
 
+@pytest.mark.slow
 def test_ovpnctl_client_to_ovpnctl_server(two_hosts: TwoHosts, pki: PKI, wrap_keys: WrapKeys,
                                           daemons: Daemons, tmp_path: Path) -> None:
     two = two_hosts

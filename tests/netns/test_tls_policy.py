@@ -9,6 +9,7 @@ such as ``serverAuth`` never matches in OpenVPN either).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,40 @@ def test_stock_openvpn_compares_eku_like_we_do(two_hosts: Any, stock_openvpn: An
         with pytest.raises(ConfigError, match="write 'TLS Web Server Authentication'"):
             loads(f"client\ndev tun\nremote {SERVER_IP}\nca {pki.ca_path}\n"
                   f"remote-cert-eku {eku}\n", "client.conf")
+
+
+# --------------------------------------------------------------------------- our server
+
+from tests.netns.test_daemon import SERVER_VPN, daemons, server_config  # noqa: E402,F401
+
+
+def test_ovpnctl_server_checks_client_eku_and_suites(two_hosts: Any, pki: Any, wrap_keys: Any,
+                                                     stock_openvpn: Any, daemons: Any,
+                                                     tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    two = two_hosts
+    oid = "1.3.6.1.4.1.55555.7.2"
+    conf = server_config(pki, wrap_keys, two, tmp_path, extra=(
+        f"remote-cert-eku {oid}", "tls-ciphersuites TLS_AES_128_GCM_SHA256",
+        "tls-groups secp384r1"))
+    srv = daemons.ovpnctl(two.server, "srv", "server", conf, daemons.engine(two.server, "srv"))
+    srv.wait_log("listening on")
+    good = pki.issue("eku-carol", usage="client",
+                     eku=[ExtendedKeyUsageOID.CLIENT_AUTH, x509.ObjectIdentifier(oid)])
+    cli = stock_openvpn.client(two.client, remote=two.server_ip, cert=good, name="good")
+    cli.wait_ready(30)
+    cli.wait_for(r"Control Channel: TLSv1\.3, cipher TLSv1\.3 TLS_AES_128_GCM_SHA256", 5)
+    assert two.client.ping(SERVER_VPN, count=2, timeout=15), srv.text()[-3000:]
+    cli.stop()
+    # an ordinary (otherwise valid) client certificate lacks the OID: never let in.  (The
+    # reason is not in the server log yet: daemon/server.py drops sessions that fail before
+    # HandshakeComplete silently -- reported in notes/requests.md; the message itself is
+    # tested in tests/unit/test_tls.py.)
+    bad = stock_openvpn.client(two.client, remote=two.server_ip, cert=pki.client("eku-dave"),
+                               name="bad")
+    bad.wait_for(r"VERIFY OK: depth=0, CN=server", 15)     # it got as far as our certificate
+    time.sleep(6)
+    assert "Initialization Sequence Completed" not in bad.log
+    assert "eku-dave" not in srv.text()
+    assert daemons.stop(srv) == 0

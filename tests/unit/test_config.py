@@ -663,12 +663,8 @@ def test_tls_policy_reaches_tls_config() -> None:
 
 
 @pytest.mark.parametrize("head,line,directive", [
-    (SERVER_HEAD, "username-as-common-name", "username-as-common-name"),
-    (SERVER_HEAD, "ifconfig-pool-persist ipp.txt", "ifconfig-pool-persist"),
-    (SERVER_HEAD, "ifconfig-pool-persist ipp.txt 0", "ifconfig-pool-persist"),
     (SERVER_HEAD, "reneg-bytes 1000000", "reneg-bytes"),
     (SERVER_HEAD, "reneg-pkts 1000", "reneg-pkts"),
-    (SERVER_HEAD, "bind ipv6only", "bind"),
     (CLIENT_HEAD, "reneg-bytes 1000000", "reneg-bytes"),
     (CLIENT_HEAD, "ping-exit 60", "ping-exit"),
     (CLIENT_HEAD, "pull-filter ignore redirect-gateway", "pull-filter"),
@@ -779,7 +775,11 @@ def test_walkthrough_table_lists_exactly_what_config_does() -> None:
     assert listed == set(NOOP_DIRECTIVES)
     for d in set(NOT_YET_SUPPORTED) | set(UNSUPPORTED_DIRECTIVES):
         assert "no" in status.get(d, set()), d
-    assert status["bind"] == {"no"} and "ipv6only" in doc       # "bind ipv6only"
+    # directives that wait for the daemons: "no" exactly while config.py refuses them
+    for d in ("username-as-common-name", "ifconfig-pool-persist", "reneg-bytes", "reneg-pkts",
+              "ping-exit", "pull-filter", "persist-remote-ip", "route-metric", "bind"):
+        want = {"no"} if d in NOT_YET_SUPPORTED else {"yes"}
+        assert status[d] == want, (d, "update docs/walkthrough.rst's table")
     for d in ("remote-cert-eku", "tls-cipher", "tls-ciphersuites", "tls-groups",
               "tls-version-max"):
         assert status[d] == {"yes"}, d

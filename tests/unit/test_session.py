@@ -641,3 +641,52 @@ def test_restart_before_the_handshake_ends_at_once(tls: tuple[TLSConfig, TLSConf
     assert len(net.endpoint) == 0
     with pytest.raises(LocalProtocolError):
         net.endpoint.disconnect(0, net.now, restart=True)
+
+
+@pytest.mark.parametrize("side", ["client-exit", "server-restart"])
+def test_acked_goodbye_makes_the_timer_due_at_once(tls: tuple[TLSConfig, TLSConfig],
+                                                   side: str) -> None:
+    """Once our EXIT/RESTART is acked, get_timer() is due now: a daemon that runs due
+    timers after every wake-up ends the session without lingering (no handle_timer per
+    datagram needed)."""
+    net = Net(*tls)
+    net.run(lambda: net.established()
+            and net.server_session.primary.state is KSState.GENERATED_KEYS)
+    s = net.client if side == "client-exit" else net.server_session
+    now = net.now
+    if side == "client-exit":
+        net.client.close(now)
+        goodbye = net.client.datagrams_to_send(now)
+    else:
+        net.endpoint.disconnect(0, now, restart=True)
+        goodbye = [d for d, _a in net.endpoint.datagrams_to_send(now)]
+    assert goodbye and s.terminated is None
+    assert s.get_timer() > now                      # sent, waiting for the ACK
+    # the peer receives it and acks; no timer runs anywhere
+    if side == "client-exit":
+        for d in goodbye:
+            net.endpoint.receive_datagram(d, CLIENT_ADDR, now)
+        for d, _a in net.endpoint.datagrams_to_send(now):
+            net.client.receive_datagram(d, now)
+    else:
+        for d in goodbye:
+            net.client.receive_datagram(d, now)
+        for d in net.client.datagrams_to_send(now):
+            net.endpoint.receive_datagram(d, CLIENT_ADDR, now)
+        assert net.endpoint.get_timer() <= now    # what the server daemon's wake() asks
+    assert s.terminated is None and s.get_timer() <= now     # due at once
+    s.handle_timer(now)
+    assert s.terminated is not None
+
+
+def test_restart_takes_only_restart_messages(tls: tuple[TLSConfig, TLSConfig]) -> None:
+    net = Net(*tls)
+    net.run(net.established)
+    s = net.server_session
+    with pytest.raises(LocalProtocolError, match="RESTART"):
+        s.restart(net.now, message="HALT")
+    assert s.terminated is None and s._closing is None        # noqa: SLF001 - untouched
+    s.restart(net.now, message="RESTART,[N]")                  # "try the next server"
+    net.run(lambda: s.terminated is not None, max_time=5)
+    [r] = [e for e in net.c_events if isinstance(e, ev.RestartReceived)]
+    assert "[N]" in r.message

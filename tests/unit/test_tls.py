@@ -316,7 +316,7 @@ def test_remote_cert_eku_bad_values(pki: PKI, value: str, match: str) -> None:
         TLSConfig(ca=pki.ca_pem, remote_cert_eku=value)
 
 
-# --------------------------------------------------------------------------- versions, suites, groups
+# ------------------------------------------------------------------- versions, suites, groups
 
 def test_tls_version_max_caps_the_handshake(pki: PKI) -> None:
     srv, cli = _connect(_cfg(pki, pki.server()), _cfg(pki, pki.client(), tls_version_max="1.2"))
@@ -375,6 +375,9 @@ def test_tls_cipher_restricts_tls12(pki: PKI, spelling: str, expect: str) -> Non
     ({"tls_ciphersuites": "TLS_AES_128_GCM_SHA256:TLS_BOGUS"}, "unknown TLS 1.3 suite 'TLS_BOGUS'"),
     ({"tls_groups": "X25519:bogus"}, "unknown group 'bogus'"),
     ({"tls_groups": ""}, "empty list"),
+    ({"tls_cipher": "ECDHE\x00X"}, "printable ASCII"),       # a NUL would cut the C string
+    ({"tls_groups": " "}, "printable ASCII"),
+    ({"remote_cert_eku": "1.2.3\x00"}, "printable ASCII"),
 ])
 def test_tls_policy_string_errors(pki: PKI, kw: dict[str, str], match: str) -> None:
     with pytest.raises(TLSConfigError, match=match):
@@ -389,3 +392,22 @@ def test_tls_groups_pick_the_key_exchange(pki: PKI) -> None:
                          _cfg(pki, pki.client(), tls_groups="secp384r1"))
     assert msg == ("TLS handshake failed: no shared cipher or group with the client "
                    "(no suitable key share)")
+
+
+def test_failed_lookups_leave_no_openssl_error_behind(pki: PKI) -> None:
+    """OBJ_txt2nid / set1_curves_list failures must not poison the next pyOpenSSL call."""
+    from OpenSSL._util import lib
+    for kw in ({"remote_cert_eku": "Web Server Thing"}, {"tls_groups": "bogus"}):
+        with pytest.raises(TLSConfigError):
+            TLSConfig(ca=pki.ca_pem, **kw)  # type: ignore[arg-type]
+        assert lib.ERR_peek_error() == 0
+    # an EKU OID OpenSSL has no name for is looked up during verification too
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    oid = "1.3.6.1.4.1.55555.9"
+    odd = pki.issue("odd-eku", usage="server",
+                    eku=[ExtendedKeyUsageOID.SERVER_AUTH, x509.ObjectIdentifier(oid)])
+    srv, cli = _connect(_cfg(pki, odd), _cfg(pki, pki.client(), remote_cert_eku=oid))
+    assert cli.handshake_complete and lib.ERR_peek_error() == 0
+    cli.write(b"after\x00")
+    assert _pump(srv, cli) == [b"after\x00"]
