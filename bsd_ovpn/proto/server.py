@@ -12,6 +12,12 @@ resets therefore cost one HMAC and one reply, never memory.
 Driving is the aioquic shape with addresses: ``receive_datagram(data, addr,
 now)``, ``datagrams_to_send(now) -> [(bytes, addr)]``, ``get_timer()``,
 ``handle_timer(now)``, ``next_event() -> ClientEvent | None``.
+
+Work per call is independent of the number of clients: only sessions that
+something happened to since the last call ("touched": a datagram, a due
+timer, ``disconnect``/``drop_client``, a session handed out by
+``session_for``/``session_by_peer_id``, or :meth:`ServerEndpoint.touch` after
+driving a session directly) are visited, and deadlines live in a heap.
 """
 from __future__ import annotations
 

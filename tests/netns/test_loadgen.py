@@ -95,6 +95,9 @@ def test_twenty_clients_against_stock_server(lab: Any, pki: Any, wrap_keys: Any,
         assert all(r.data_received >= 1 for r in recs), [r.data_received for r in recs]
         assert all(r.data_errors == 0 for r in recs), \
             [(r.data_errors, r.last_data_error) for r in recs if r.data_errors]
+        early = [(r.index, r.early_data, r.early_data_at - r.started, r.connected - r.started)
+                 for r in recs if r.early_data]
+        print("data before keys (index, count, at, connected):", early)
 
         # -- rekey all at once: every client gets key_id 1, none dropped,
         #    and the server's pings arrive on the new key
