@@ -12,7 +12,9 @@ negotiated keys (:class:`~bsd_ovpn.proto.datachannel.DataChannel`) and
 decrypted on receipt, which proves each client's keys really work.
 
 Each client does what a real one does: hard reset, TLS handshake, key-method
-2, PUSH_REQUEST/PUSH_REPLY, keys; then idles with keepalives.  Timestamps
+2, PUSH_REQUEST/PUSH_REPLY (the Session announces IV_PROTO_REQUEST_PUSH, so a
+2.6 server pushes right after the key exchange; PUSH_REQUEST goes out only if
+no reply came within 1 s), keys; then idles with keepalives.  Timestamps
 (``time.monotonic()``, CLOCK_MONOTONIC, comparable across processes) are taken
 when the client sends its first reset and when its first data-channel keys are
 ready (i.e. after the PUSH_REPLY), so latency = what a user waits for.
@@ -20,7 +22,9 @@ ready (i.e. after the PUSH_REPLY), so latency = what a user waits for.
 Worker processes: Python spends a few milliseconds of CPU per client
 handshake, so one process may be slower than the server it measures; the
 clients are then split over ``workers`` forked processes, each with its own
-loop.  The parent only orchestrates (:class:`LoadGenerator`): ``connect()``,
+loop.  ``netns`` (Linux) moves the workers into a network namespace with
+``setns(2)`` before they open sockets, so the parent may stay outside.
+The parent only orchestrates (:class:`LoadGenerator`): ``connect()``,
 ``rekey_all()``, ``idle()``, ``close()``; it is free to sample the server's
 RSS meanwhile because the workers keep answering timers on their own.
 
@@ -28,7 +32,7 @@ Usage::
 
     plan = LoadPlan(remote=("192.0.2.1", 1194), clients=[ClientSpec(tls, "192.0.2.10"), ...],
                     wrap_factory=lambda: TLSCrypt(key, server=False))
-    with LoadGenerator(plan, workers=1) as gen:
+    with LoadGenerator(plan, workers=2, netns="/run/netns/<client ns>") as gen:
         res = gen.connect(timeout=120)
         print(res.summary())
         rk = gen.rekey_all(timeout=120)

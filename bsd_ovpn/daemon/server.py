@@ -282,8 +282,14 @@ class ServerDaemon:
         is the server address each datagram was sent to (multihome).
         """
         for data, addr, local in batch:
-            if self.stopping and self.endpoint.session_for(addr) is None:
-                continue                      # shutting down: no new clients
+            if self.stopping:
+                # shutting down: no new clients, and no new session from a known address
+                # either (a client that got RESTART reconnects at once; answering it would
+                # start a handshake that dies with us and waits out its hand-window)
+                s = self.endpoint.session_for(addr)
+                if s is None or (len(data) >= 9 and s.remote_sid is not None
+                                 and bytes(data[1:9]) != s.remote_sid):
+                    continue
             self.endpoint.receive_datagram(data, addr, now, local)
         # an acked RESTART/EXIT makes the session's get_timer() due now: wake() ends it
         self.pump(now)

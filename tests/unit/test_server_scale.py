@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from bsd_ovpn.daemon.server import AddressPool
 from bsd_ovpn.proto import events as ev
 from bsd_ovpn.proto.cookie import CookieJar
 from bsd_ovpn.proto.packet import ControlPacket, Opcode
@@ -190,10 +191,9 @@ def test_stale_timer_entries_stay_bounded(server_tls: TLSConfig) -> None:
     assert len(ep._timers) <= 64 + 4 * len(ep)
 
 
-def _pool(start: str, end: str, v6: str | None = None) -> "AddressPool":
+def _pool(start: str, end: str, v6: str | None = None) -> AddressPool:
     from types import SimpleNamespace
 
-    from bsd_ovpn.daemon.server import AddressPool
     cfg = SimpleNamespace(ifconfig_pool=SimpleNamespace(start=start, end=end,
                                                         netmask="255.255.255.0"),
                           ifconfig_ipv6_pool=v6, ifconfig_ipv6=None)
