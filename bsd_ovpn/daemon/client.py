@@ -111,6 +111,8 @@ class ClientDaemon:
         self.remote: Addr = None
         self.session: Session | None = None
         self.ifc: Interface | None = None
+        #: stale.InterfaceLedger: records the interface we create (crash cleanup)
+        self.ledger: Any = None
         self.dc: IfOvpnPeers | None = None
         self.peer_id: int | None = None
         self.pushed: PushReply | None = None
@@ -279,6 +281,8 @@ class ClientDaemon:
         if self.ifc is None:
             self.ifc = create_interface(self.transport, self.cfg.dev or "tun",
                                         ifmode="subnet" if topology == "subnet" else "p2p")
+            if self.ledger is not None:
+                self.ledger.record(self.ifc.name)
             self.dc = IfOvpnPeers(self.ifc, self.sock)
         assert self.dc is not None
         self.dc.sock = self.sock             # persist-tun: the socket may be a new one
@@ -374,6 +378,8 @@ class ClientDaemon:
                     self.ifc.close()
                 except OvpnError as exc:
                     log.warning("destroying %s: %s", self.ifc.name, exc)
+                if self.ledger is not None:
+                    self.ledger.release()
                 self.ifc = None
                 self.dc = None
         self.peer_id = None if self.ifc is None else self.peer_id
@@ -500,6 +506,7 @@ def run_client(config_path: str, *, engine: str = "auto", engine_socket: str | N
     """``ovpnctl client``: connect, keep the tunnel up, remove everything at the end."""
     from bsd_ovpn.daemon.control import ControlServer, default_socket_path
     from bsd_ovpn.daemon.loop import Loop, read_datagrams, serve
+    from bsd_ovpn.daemon.stale import InterfaceLedger
     from bsd_ovpn.engine.steering import make_udp_socket
     from bsd_ovpn.engines import engine_kind, open_transport
 
@@ -535,6 +542,9 @@ def run_client(config_path: str, *, engine: str = "auto", engine_socket: str | N
                               engine=engine_kind(transport))
         control = ControlServer(control_socket or default_socket_path(config_path),
                                 lambda req: {})
+        # a crashed daemon of this config left its interface in the kernel/engine
+        daemon.ledger = InterfaceLedger(transport, config=config_path, control=control.path)
+        daemon.ledger.sweep(cfg.dev or "tun")
         if cfg.writepid:
             with open(cfg.writepid, "w") as f:
                 f.write(f"{os.getpid()}\n")

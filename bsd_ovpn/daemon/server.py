@@ -190,6 +190,10 @@ class ClientRecord:
 
 # --------------------------------------------------------------------------- the daemon
 
+#: ConnectionTerminated reasons of a session that never finished its handshake.
+_HANDSHAKE_FAILURES = frozenset({"tls-error", "hand-window"})
+
+
 class ServerDaemon:
     """The glue of one server: endpoint events <-> if_ovpn, plus OpenVPN's server extras."""
 
@@ -334,6 +338,11 @@ class ServerDaemon:
         if rec is None:
             if not isinstance(e, (ev.HandshakeComplete, ev.PeerAuthenticated, ev.AuthRequest,
                                   ev.KeysReady)):
+                if isinstance(e, ev.ConnectionTerminated) and e.reason in _HANDSHAKE_FAILURES:
+                    # refused before it became a client (wrong CA, revoked, EKU...):
+                    # the admin's only clue, as OpenVPN's "TLS Error" lines
+                    log.info("client %s: TLS handshake failed: %s", format_addr(ce.addr),
+                             e.message)
                 return                          # the tail of a session we already dropped
             rec = self.records[pid] = ClientRecord(pid, ce.addr,
                                                    self.endpoint.session_by_peer_id(pid))
@@ -882,6 +891,7 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
     """``ovpnctl server``: set everything up, serve until SIGTERM, remove everything."""
     from bsd_ovpn.daemon.control import ControlServer, default_socket_path
     from bsd_ovpn.daemon.loop import Loop, create_interface, serve
+    from bsd_ovpn.daemon.stale import InterfaceLedger
     from bsd_ovpn.engine.steering import make_udp_socket
     from bsd_ovpn.engines import engine_kind, open_transport
 
@@ -889,9 +899,14 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
     check_server_config(cfg)
     transport = open_transport(engine, socket_path=engine_socket)
     loop = Loop()
-    ifc = sock = control = daemon = None
+    ifc = sock = control = daemon = ledger = None
     try:
+        # a crashed daemon of this config left its interface in the kernel/engine
+        ledger = InterfaceLedger(transport, config=config_path,
+                                 control=control_socket or default_socket_path(config_path))
+        ledger.sweep(cfg.dev or "tun")
         ifc = create_interface(transport, cfg.dev or "tun", ifmode="subnet")
+        ledger.record(ifc.name)
         local = bind_address(cfg)
         try:
             sock = make_udp_socket(local, v6only=socket_v6only(cfg))
@@ -952,6 +967,8 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
             daemon.close()
         elif ifc is not None:
             ifc.close()
+        if ledger is not None:
+            ledger.release()
         if control is not None:
             control.close()
         if sock is not None:

@@ -58,6 +58,10 @@ PUSH_REPLY_MAX = 1024          # PUSH_BUNDLE_SIZE: stock servers split longer re
 AUTH_FAILED_LINGER = 2.0       # server keeps the session to deliver AUTH_FAILED
 EXIT_LINGER = 5.0              # wait for ACKs of our EXIT before giving up
 RESTART_LINGER = 2.5           # server: wait this long for the ACK of RESTART (one resend)
+#: After a TLS failure: keep the session this long so the alert OpenSSL wrote
+#: (e.g. "bad certificate") reaches the peer, which then fails at once instead
+#: of retransmitting until its hand-window.  Ends earlier once the alert is acked.
+TLS_ALERT_LINGER = 1.0
 _DATA_OPCODES = (Opcode.P_DATA_V1, Opcode.P_DATA_V2)
 DYN_TLS_CRYPT_LABEL = b"EXPORTER-OpenVPN-dynamic-tls-crypt"
 _MAX_PLAIN_BUFFER = 16384      # unparsed TLS plaintext we are willing to hold
@@ -176,6 +180,7 @@ class Session:
         self._events: deque[ev.Event] = deque()
         self.terminated: ev.ConnectionTerminated | None = None
         self._closing: tuple[float, str, str] | None = None   # deadline, reason, message
+        self._now = now                     # latest time seen (for _tls_failed's linger)
         self.dropped = 0                 # packets dropped as RemoteProtocolError
         self.data_ignored = 0            # P_DATA_V1/V2 handed to us: data channel business
         self.last_error: str | None = None
@@ -288,6 +293,7 @@ class Session:
         """Process an already unwrapped control packet (the server endpoint uses this)."""
         if self.terminated is not None:
             return False
+        self._now = max(self._now, now)
         try:
             self._receive(pkt, now)
         except RemoteProtocolError as exc:
@@ -353,6 +359,7 @@ class Session:
         """Run everything that is due: timeouts, key swaps, renegotiation, keepalive."""
         if self.terminated is not None:
             return
+        self._now = max(self._now, now)
         if self._closing is not None:
             deadline, reason, message = self._closing
             if now >= deadline or self._flushed():
@@ -562,6 +569,7 @@ class Session:
             raise SessionError(f"key_id {pkt.key_id} does not match any key_state "
                                "(local/remote key IDs out of sync)")
         if ks.state == KSState.ERROR:
+            ks.send.acknowledge(pkt.acks)       # the ACK of our alert ends the linger
             raise SessionError(f"key_id {pkt.key_id} is in error state")
         self._last_received = max(self._last_received, now)
         ks.send.acknowledge(pkt.acks)
@@ -680,7 +688,13 @@ class Session:
         except Exception:  # noqa: BLE001 - the engine is already broken
             pass
         ks.state = transition(ks.state, Trigger.FAIL, server=self.server)
-        self._terminate("tls-error", f"TLS error: {exc}")
+        message = f"TLS error: {exc}"
+        if ks.tls_out and self.terminated is None and self._closing is None:
+            # the alert leaves with the next datagrams_to_send(); end once it is
+            # acked or after TLS_ALERT_LINGER (a failed peer rarely acks)
+            self._closing = (self._now + TLS_ALERT_LINGER, "tls-error", message)
+            return
+        self._terminate("tls-error", message)
 
     # ------------------------------------------------------------------ plaintext
     def _expects_km2(self, ks: KeyState) -> bool:

@@ -9,6 +9,7 @@ replies, packed exactly as the kernel packs them.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
@@ -739,3 +740,45 @@ def test_client_needs_credentials_in_a_file(files) -> None:
         ClientDaemon(client_config(files, "auth-user-pass"), transport=RecordingTransport(),
                      open_socket=lambda f: None)
     assert info.value.directive == "auth-user-pass"
+
+
+def test_server_logs_a_refused_tls_handshake(files, pki: PKI, caplog) -> None:
+    """A client the server refuses in TLS never gets a record; the reason must still be logged,
+    and the refused client gets the alert and gives up at once."""
+    net = ServerNet(files)
+    stranger = pki.unrelated_ca().client("stranger")
+    key = StaticKey.parse(files["tc"].read_text())
+    s = Session.connect(
+        SessionSettings(server=False, data_ciphers=("AES-256-GCM",),
+                        tls=TLSConfig(ca=files["ca"].read_text(), cert=stranger.cert_pem,
+                                      key=stranger.key_pem, remote_cert_tls="server")),
+        TLSCrypt(key, server=False), net.clock.t)
+    addr = ("192.0.2.9", 40009)
+    net.clients = {addr: (s, [])}
+    start = net.clock.t
+    caplog.set_level("INFO", logger="bsd_ovpn.daemon")
+    net.advance(10, until=lambda: s.terminated is not None)
+    assert s.terminated is not None and s.terminated.reason == "tls-error"
+    assert net.clock.t - start <= 1.0, net.clock.t - start
+    net.advance(3)
+    lines = [r.getMessage() for r in caplog.records
+             if "TLS handshake failed" in r.getMessage()]
+    assert lines and lines[0].startswith("client 192.0.2.9:40009: TLS handshake failed: "), lines
+    assert "certificate verify failed" in lines[0], lines
+    assert not net.d.records
+
+
+def test_client_records_and_releases_its_interface_owner(files, tmp_path) -> None:
+    """The owner record exists exactly while the client holds an interface (crash cleanup)."""
+    from bsd_ovpn.daemon.stale import InterfaceLedger
+    n = ClientNet(files)
+    owners = tmp_path / "owners"
+    n.d.ledger = InterfaceLedger(n.tr, config=n.cfg.path, control=None, directory=str(owners))
+    n.d.start(n.clock.t)
+    n.advance(10, until=lambda: n.d.state == "connected")
+    assert n.d.state == "connected"
+    [rec] = [r for _p, r in n.d.ledger.records()]
+    assert (rec.ifname, rec.pid) == ("tun0", os.getpid())
+    n.d.close()
+    assert list(owners.iterdir()) == []
+    n.close()

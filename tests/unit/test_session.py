@@ -690,3 +690,25 @@ def test_restart_takes_only_restart_messages(tls: tuple[TLSConfig, TLSConfig]) -
     net.run(lambda: s.terminated is not None, max_time=5)
     [r] = [e for e in net.c_events if isinstance(e, ev.RestartReceived)]
     assert "[N]" in r.message
+
+
+def test_refused_client_gets_the_alert_and_fails_fast(pki: PKI) -> None:
+    """Server refuses a client cert from another CA: the alert OpenSSL made reaches the
+    client at once (not retransmissions until hand-window), and both sides say tls-error."""
+    srv = pki.server()
+    stranger = pki.unrelated_ca().client("stranger")
+    server_tls = TLSConfig(ca=pki.ca_pem, cert=srv.cert_pem, key=srv.key_pem,
+                           remote_cert_tls="client")
+    client_tls = TLSConfig(ca=pki.ca_pem, cert=stranger.cert_pem, key=stranger.key_pem,
+                           remote_cert_tls="server")
+    net = Net(server_tls, client_tls)
+    start = net.now
+    net.run(lambda: net.client.terminated is not None, max_time=10)
+    assert net.now - start < 1.0, net.now - start        # no retransmission round needed
+    assert net.client.terminated.reason == "tls-error"
+    assert "alert" in net.client.terminated.message.lower(), net.client.terminated.message
+    # the server reports why it refused, then forgets the session
+    net.advance(5)
+    [term] = [e for e in net.s_events if isinstance(e, ev.ConnectionTerminated)]
+    assert term.reason == "tls-error" and "certificate verify failed" in term.message
+    assert len(net.endpoint) == 0
