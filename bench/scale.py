@@ -16,7 +16,12 @@ For each server, in that order: (a) stock ``openvpn``, (b) ``ovpnctl server``
     proto udp, local 192.0.2.1, dev tun, topology subnet,
     server-ipv6 2001:db8:100::/64     (IPv6-only pool: see below)
     ca/cert/key (ECDSA P-256), dh none, tls-crypt, data-ciphers AES-256-GCM,
-    keepalive 10 60, max-clients 2000, verb 1, disable-dco, status FILE 1
+    keepalive 10 60, max-clients 2000, rcvbuf 2097152, verb 1, disable-dco, status FILE 1
+
+(``ovpnctl server`` sizes its UDP receive buffer to 2 MiB by itself and
+ignores ``rcvbuf``; the line gives stock the same buffer -- 4 MiB effective
+for both, printed as "server UDP rcvbuf" -- so a burst costs both the same
+drops.)
 
 plus, for stock only, ``connect-freq-initial 100000 1``: stock 2.6 answers at
 most 100 initial resets per 10 s by default (a reflection-attack guard), which
@@ -262,9 +267,10 @@ class OvpnctlServer(ServerUnderTest):
         self.engine_sock = str(self.workdir / "engine.sock")
         self.engine_log = self.workdir / "engine.log"
         self.server_log = self.workdir / "ovpnctl.log"
+        self._logs = [open(self.engine_log, "w"), open(self.server_log, "w")]
         self.engine = self.host.popen(
             [sys.executable, "-m", "bsd_ovpn.engine", "--socket", self.engine_sock],
-            stdout=open(self.engine_log, "w"), stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+            stdout=self._logs[0], stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         deadline = time.monotonic() + 20
         while not os.path.exists(self.engine_sock):
             if self.engine.poll() is not None or time.monotonic() > deadline:
@@ -274,7 +280,7 @@ class OvpnctlServer(ServerUnderTest):
             [sys.executable, "-c", "from bsd_ovpn.cli import main; main()", "server", "-c",
              str(self.config_path), "--engine", "userspace", "--engine-socket", self.engine_sock,
              "--control-socket", str(self.workdir / "ctl.sock")],
-            stdout=open(self.server_log, "w"), stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+            stdout=self._logs[1], stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         # ready = the UDP port is bound (the daemon logs "listening on")
         deadline = time.monotonic() + 30
         while "listening on" not in self._tail(self.server_log, 200):
@@ -289,21 +295,28 @@ class OvpnctlServer(ServerUnderTest):
         except OSError:
             return ""
 
+    def _procs(self) -> list[tuple[str, Any]]:
+        return [(r, p) for r, p in (("daemon", getattr(self, "proc", None)),
+                                    ("engine", getattr(self, "engine", None)))
+                if p is not None and p.poll() is None]
+
     def pids(self) -> list[int]:
-        return [p.pid for p in (self.proc, self.engine) if p.poll() is None]
+        return [p.pid for _, p in self._procs()]
 
     def roles(self) -> list[str]:
-        return [r for r, p in (("daemon", self.proc), ("engine", self.engine)) if p.poll() is None]
+        return [r for r, _ in self._procs()]
 
     def stop(self) -> None:
-        for p in (self.proc, self.engine):
-            if p.poll() is None:
+        for p in (getattr(self, "proc", None), getattr(self, "engine", None)):
+            if p is not None and p.poll() is None:
                 p.terminate()
                 try:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
+        for fh in getattr(self, "_logs", []):
+            fh.close()
 
     def log_tail(self, n: int = 30) -> str:
         return (f"--- ovpnctl server\n{self._tail(self.server_log, n)}\n"
