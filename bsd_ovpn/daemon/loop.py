@@ -51,6 +51,15 @@ class DaemonError(OvpnError):
     """The daemon cannot start or continue; the message says what to fix."""
 
 
+class DataChannelLost(DaemonError):
+    """Our interface's data channel is gone (engine died, interface removed).
+
+    if_ovpn state cannot be rebuilt behind the clients' backs, so the daemon
+    ends with status 1 and leaves restarting to its supervisor (rc.d, systemd),
+    which then starts from a clean interface.
+    """
+
+
 # --------------------------------------------------------------------------- if_ovpn glue
 
 class IfOvpnPeers:
@@ -122,11 +131,20 @@ class IfOvpnPeers:
         return False
 
     # -- kernel -> us
+    def _check_lost(self, exc: Exception) -> None:
+        """Raise DataChannelLost when ``exc`` means the interface cannot come back."""
+        if isinstance(exc, ConnectionError):       # the engine's socket is gone
+            raise DataChannelLost(f"the data channel of {self.ifc.name} is gone: {exc}") from None
+        if isinstance(exc, IfOvpnError) and exc.errno == _errno.ENXIO:
+            raise DataChannelLost(f"interface {self.ifc.name} is gone (removed by someone "
+                                  "else)") from None
+
     def drain(self) -> list[Notification]:
         """Every queued notification (GET_PKT until ENOENT)."""
         try:
             return self.ifc.notifications()
         except (IfOvpnError, OvpnError) as exc:
+            self._check_lost(exc)
             log.warning("reading if_ovpn notifications failed: %s", exc)
             return []
 
@@ -143,6 +161,7 @@ class IfOvpnPeers:
         try:
             self.last_stats = self.ifc.peer_stats()
         except (IfOvpnError, OvpnError) as exc:
+            self._check_lost(exc)
             log.warning("GET_PEER_STATS failed: %s", exc)
         took = time.monotonic() - start
         self._stats_next = start + took / STATS_MAX_SHARE

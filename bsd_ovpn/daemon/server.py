@@ -752,7 +752,10 @@ class ServerDaemon:
             rec.iroutes.clear()
         self.records.clear()
         self.netcfg.undo_all()
-        self.ifc.close()
+        try:
+            self.ifc.close()
+        except OvpnError as exc:                 # e.g. the engine already died with it
+            log.warning("destroying %s: %s", self.ifc.name, exc)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -690,6 +690,19 @@ class Engine:
                         deadline = t
         return deadline
 
+    def reap_vanished(self) -> list[str]:
+        """Forget interfaces whose link was removed behind our back; returns their names.
+
+        In the kernel an if_ovpn interface and its ifnet are one object.  Here
+        anyone with CAP_NET_ADMIN can delete the tun (``ip link del``); the
+        engine then does what destroy does (peers deleted, socket released), so
+        later requests get ENXIO like for any unknown interface.
+        """
+        gone = [name for name in self.interfaces if not self.host.link_exists(name)]
+        for name in gone:
+            self.destroy_interface(name)
+        return gone
+
     def refresh_routes(self) -> None:
         """Push the host's gateway routes through each tun to its data plane (if changed)."""
         for ifs in self.interfaces.values():

@@ -260,6 +260,9 @@ class EngineDaemon:
                         self._serve(key.fileobj)
                 if now - last_routes >= ROUTE_REFRESH:
                     last_routes = now
+                    for name in self.engine.reap_vanished():
+                        log.warning("interface %s is gone (its tun device was removed); "
+                                    "dropped it and its peers", name)
                     try:
                         self.engine.refresh_routes()
                     except Exception:

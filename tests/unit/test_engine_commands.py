@@ -684,3 +684,13 @@ def test_last_peer_releases_the_socket(eng, socks, host):
     assert host.hooked == {} and eng.interfaces["ovpn0"].socket is None
     assert add_peer(eng, s, peer_id=1) == 0                  # the same socket, hooked again
     assert host.hook_log == [("hook", "ovpn0"), ("unhook", "ovpn0"), ("hook", "ovpn0")]
+
+
+def test_interface_whose_link_vanished_is_forgotten(eng, host):
+    """``ip link del`` on the tun: the engine drops the interface as destroy would,
+    and later requests for it get ENXIO like any unknown interface."""
+    assert eng.reap_vanished() == []
+    host.links.discard("ovpn0")
+    assert eng.reap_vanished() == ["ovpn0"]
+    assert eng.handle_get("ovpn0", C.OVPN_POLL_PKT, 128) == (E.ENXIO, b"")
+    assert eng.reap_vanished() == []
