@@ -43,7 +43,14 @@ def _vm_size_mb() -> int:
 
 
 def main() -> None:
+    import logging
+
     import atheris  # only the long runs need it; CI uses the pytest pass
+
+    # Parsers log warnings for odd input (unknown options, ...); a long run
+    # would drown in them.  Set here, not in targets.py: importing the targets
+    # from the test suite must not change logging for other tests.
+    logging.getLogger("bsd_ovpn").setLevel(logging.CRITICAL)
 
     with atheris.instrument_imports(include=["bsd_ovpn"]):
         import targets  # noqa: F401  (imports the bsd_ovpn modules under instrumentation)

@@ -351,8 +351,9 @@ class PeerInfo:
         lines.append(f"IV_PROTO={int(self.proto)}")
         lines += [f"{k}={v}" for k, v in self.extra]
         for line in lines:
-            if "\n" in line or "\x00" in line:
-                raise ValidationError(f"peer-info line {line!r} contains a newline or NUL")
+            # parse() takes CR-LF line ends, so a CR inside a value would not survive
+            if "\n" in line or "\r" in line or "\x00" in line:
+                raise ValidationError(f"peer-info line {line!r} contains a CR, LF or NUL")
         return "".join(line + "\n" for line in lines)
 
     @classmethod
