@@ -19,7 +19,7 @@ setup(
         "pyOpenSSL>=23.2",
         "click>=8.0",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "docutils>=0.18"]},
     cffi_modules=["cdefs/build_native.py:ffibuilder"],
     entry_points={"console_scripts": ["ovpnctl=bsd_ovpn.cli:main"]},
     zip_safe=False,

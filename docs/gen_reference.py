@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Generate (or check) the ovpnctl command reference in RST from the CLI itself.
 
-The reference in docs/walkthrough.rst (and README.rst once merged) sits
+The reference in README.rst sits
 between the two marker comments below and is exactly what this prints, so it
 cannot drift from ``ovpnctl --help``:
 
     python3 docs/gen_reference.py                      # print the reference
-    python3 docs/gen_reference.py --write docs/walkthrough.rst README.rst
-    python3 docs/gen_reference.py --check docs/walkthrough.rst README.rst
+    python3 docs/gen_reference.py --write README.rst
+    python3 docs/gen_reference.py --check README.rst
 
 tests/unit/test_walkthrough_doc.py runs the check.
 """

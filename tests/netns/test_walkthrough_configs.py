@@ -1,6 +1,6 @@
 """The walkthrough's config files, run for real, with stock OpenVPN 2.6 on the other side.
 
-docs/walkthrough.rst tells users that its office.conf files are ordinary
+README.rst tells users that its office.conf files are ordinary
 OpenVPN 2.6 configs that ``ovpnctl server`` / ``ovpnctl client`` run and that
 stock peers interoperate.  Both directions are run here with the files taken
 verbatim from the document -- only the status file's path is moved into the
@@ -21,7 +21,7 @@ from bsd_ovpn.testbed.stockovpn import StockOpenVPN
 
 pytestmark = [pytest.mark.netns, pytest.mark.openvpn]
 REPO = Path(__file__).resolve().parents[2]
-DOC = REPO / "docs" / "walkthrough.rst"
+DOC = REPO / "README.rst"
 STATUS_LINE = "status /var/log/openvpn/office-status.log 10"
 
 

@@ -758,11 +758,11 @@ def test_push_peer_info_cannot_send_uv_variables() -> None:
 
 
 def test_walkthrough_table_lists_exactly_what_config_does() -> None:
-    """docs/walkthrough.rst: the NOOP row is NOOP_DIRECTIVES; refused/not-yet ones say "no"."""
+    """README.rst: the NOOP row is NOOP_DIRECTIVES; refused/not-yet ones say "no"."""
     import pathlib
     import re
     from bsd_ovpn.config import NOT_YET_SUPPORTED, UNSUPPORTED_DIRECTIVES
-    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "walkthrough.rst").read_text()
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "README.rst").read_text()
     table = doc[doc.index("Supported, compared with OpenVPN 2.6"):]
     rows = re.findall(r"^   \* - (.*)\n     - (.*)\n", table, re.M)
     status: dict[str, set[str]] = {}
@@ -779,7 +779,7 @@ def test_walkthrough_table_lists_exactly_what_config_does() -> None:
     for d in ("username-as-common-name", "ifconfig-pool-persist", "reneg-bytes", "reneg-pkts",
               "ping-exit", "pull-filter", "persist-remote-ip", "route-metric", "bind"):
         want = {"no"} if d in NOT_YET_SUPPORTED else {"yes"}
-        assert status[d] == want, (d, "update docs/walkthrough.rst's table")
+        assert status[d] == want, (d, "update README.rst's table")
     for d in ("remote-cert-eku", "tls-cipher", "tls-ciphersuites", "tls-groups",
               "tls-version-max"):
         assert status[d] == {"yes"}, d
