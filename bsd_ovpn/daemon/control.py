@@ -116,7 +116,7 @@ class ControlServer:
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, mode=0o700, exist_ok=True)
         if os.path.exists(path):
-            if _is_alive(path):
+            if is_alive(path):
                 raise ControlError(f"control socket {path} is in use by another daemon "
                                    "(choose another with --control-socket)")
             os.unlink(path)
@@ -216,7 +216,10 @@ class ControlServer:
             pass
 
 
-def _is_alive(path: str) -> bool:
+def is_alive(path: str | None) -> bool:
+    """True if something accepts connections on the daemon control socket ``path``."""
+    if not path:
+        return False
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(1.0)

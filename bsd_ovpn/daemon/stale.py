@@ -24,12 +24,12 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from bsd_ovpn.errors import IfOvpnError, OvpnError
 from bsd_ovpn.interface import Interface
+from bsd_ovpn.daemon.control import is_alive as control_is_alive
 from bsd_ovpn.paths import RUN_DIR
 
 log = logging.getLogger("bsd_ovpn.daemon")
@@ -86,24 +86,9 @@ def pid_alive(pid: int) -> bool:
         return True                     # no Linux procfs (FreeBSD): kill(0) is the answer
 
 
-def control_alive(path: str | None) -> bool:
-    """True if something accepts connections on the daemon's control socket."""
-    if not path:
-        return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1.0)
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def owner_alive(rec: OwnerRecord) -> bool:
     """Conservative: alive if either the process or its control socket still answers."""
-    return pid_alive(rec.pid) or control_alive(rec.control)
+    return pid_alive(rec.pid) or control_is_alive(rec.control)
 
 
 def _norm(path: str | None) -> str | None:
