@@ -33,6 +33,7 @@ from typing import Any
 from bsd_ovpn.errors import OvpnError, ValidationError
 from bsd_ovpn.testbed.hosts import Host
 from bsd_ovpn.testbed.stockovpn import READY, OvpnConfig
+from bsd_ovpn.testbed.logged import LoggedProcess
 
 #: The package root, put on PYTHONPATH so hosts run this checkout's code.
 REPO = Path(__file__).resolve().parents[2]
@@ -60,8 +61,10 @@ def kernel_engine() -> bool:
     return sys.platform.startswith("freebsd")
 
 
-class DaemonProc:
+class DaemonProc(LoggedProcess):
     """A process of ours in a host, with its combined stdout/stderr in a log file."""
+
+    error = DaemonTestError
 
     def __init__(self, host: Host, name: str, argv: list[str], log_path: Path) -> None:
         self.host = host
@@ -75,51 +78,6 @@ class DaemonProc:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} in {self.host.name} " \
                f"{'running' if self.running else 'stopped'}>"
-
-    @property
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.splitlines()[-lines:])
-
-    def mark(self) -> int:
-        """Current log length; pass to ``wait_for(since=)`` to ignore older lines."""
-        return len(self.log)
-
-    @property
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.poll()
-
-    def wait_for(self, pattern: str, timeout: float = 30.0, *, since: int = 0) -> re.Match[str]:
-        """Wait until ``pattern`` (a regex) appears in the log after offset ``since``."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.log, since)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                m = rx.search(self.log, since)
-                if m:
-                    return m
-                raise DaemonTestError(f"{self.name} in {self.host.name} exited with status "
-                                      f"{self.proc.returncode} before logging {pattern!r}:\n"
-                                      f"{self.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise DaemonTestError(f"{self.name} in {self.host.name} did not log {pattern!r} "
-                                      f"within {timeout:g} s:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def count(self, pattern: str) -> int:
-        return len(re.findall(pattern, self.log))
 
     def send_signal(self, sig: int) -> None:
         if self.proc.poll() is None:

@@ -32,7 +32,6 @@ import signal
 import string
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
@@ -40,6 +39,7 @@ from typing import Literal, Sequence
 from bsd_ovpn.errors import OvpnError, ValidationError
 from bsd_ovpn.testbed.hosts import Host, check_ifname
 from bsd_ovpn.testbed.pki import PKI, Credential
+from bsd_ovpn.testbed.logged import LoggedProcess
 
 Wrap = Literal["none", "tls-auth", "tls-crypt", "tls-crypt-v2"]
 WRAPS: tuple[str, ...] = ("none", "tls-auth", "tls-crypt", "tls-crypt-v2")
@@ -283,7 +283,7 @@ class OvpnConfig:
             add(f"remote {_token('remote', self.remote)} {int(self.port)}")
             if self.local:
                 add(f"local {_token('local', ipaddress.ip_address(self.local))}")
-                add(f"lport 0")
+                add("lport 0")
             else:
                 add("nobind")
         for name, path in (("ca", self.ca), ("cert", self.cert), ("key", self.key)):
@@ -321,8 +321,14 @@ class OvpnConfig:
 # A running peer
 
 
-class StockOpenVPN:
+class StockOpenVPN(LoggedProcess):
     """One ``openvpn`` process in a host, its config file and its log file."""
+
+    error = StockOpenVPNError
+    tail_lines = 40
+
+    def _what(self) -> str:
+        return f"{self.name} (openvpn in {self.host.name})"
 
     def __init__(self, host: Host, config: OvpnConfig | str, workdir: str | os.PathLike[str],
                  name: str = "openvpn") -> None:
@@ -370,55 +376,6 @@ class StockOpenVPN:
         return self
 
     # -- log -------------------------------------------------------------------
-
-    @property
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.splitlines()[-lines:])
-
-    def mark(self) -> int:
-        """Current log length; pass to ``wait_for(since=)`` to ignore older lines."""
-        return len(self.log)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def wait_for(self, pattern: str, timeout: float = 30.0, *, since: int = 0) -> re.Match[str]:
-        """Wait until ``pattern`` (a regex) appears in the log after offset ``since``.
-
-        Raises StockOpenVPNError with the log tail if openvpn exits first or
-        the time runs out.
-        """
-        if self.proc is None:
-            raise StockOpenVPNError(f"{self.name} was never started")
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.log, since)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                m = rx.search(self.log, since)
-                if m:
-                    return m
-                raise StockOpenVPNError(
-                    f"{self.name} (openvpn in {self.host.name}) exited with status "
-                    f"{self.proc.returncode} before logging {pattern!r}:\n{self.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise StockOpenVPNError(
-                    f"{self.name} (openvpn in {self.host.name}) did not log {pattern!r} within "
-                    f"{timeout:g} s:\n{self.log_tail()}")
-            time.sleep(0.05)
 
     def wait_ready(self, timeout: float = 30.0) -> re.Match[str]:
         """Wait for "Initialization Sequence Completed"."""
