@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -118,6 +119,61 @@ class FakeHost:
 
     def gateway_routes(self, name: str) -> list:
         return list(self.routes.get(name, []))
+
+
+class PairHost(FakeHost):
+    """FakeHost whose interfaces carry packets: a socketpair per link stands in for the tun.
+
+    The data plane (``kind`` "python" or "fast") attaches to the real UDP socket
+    and to ``tuns[name][0]``; a test writes IP packets into ``tuns[name][1]``
+    as the tun's reader would, and reads what the peer's traffic decrypts to.
+    """
+
+    def __init__(self, kind: str = "python", clock: Callable[[], float] | None = None) -> None:
+        super().__init__(clock)
+        self.kind = kind
+        self.tuns: dict[str, tuple[socket.socket, socket.socket]] = {}
+        self.dataplanes: list = []
+
+    def create_link(self, name: str) -> str:
+        self.tuns[name] = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        return super().create_link(name)
+
+    def destroy_link(self, name: str) -> None:
+        for s in self.tuns.pop(name, ()):
+            s.close()
+        super().destroy_link(name)
+
+    def rename_link(self, name: str, new: str) -> None:
+        self.tuns[new] = self.tuns.pop(name)
+        super().rename_link(name, new)
+
+    def make_dataplane(self, name: str):
+        if self.kind == "fast":
+            from bsd_ovpn.engine.fastpath import FastDataPlane
+            dp = FastDataPlane()
+        else:
+            dp = super().make_dataplane(name)
+        self.dataplanes.append(dp)
+        return dp
+
+    def hook_socket(self, name: str, fd: int, dp) -> None:
+        super().hook_socket(name, fd, dp)
+        dp.attach(fd, self.tuns[name][0].fileno())
+
+    def unhook_socket(self, name: str, dp) -> None:
+        dp.detach()
+        super().unhook_socket(name, dp)
+
+    def close(self) -> None:
+        for dp in self.dataplanes:
+            dp.detach()
+            close = getattr(dp, "close", None)
+            if close is not None:
+                close()
+        for name in list(self.tuns):
+            for s in self.tuns.pop(name):
+                s.close()
 
 
 @dataclass

@@ -22,62 +22,13 @@ import time
 import pytest
 
 from bsd_ovpn.binding import IfOvpnExists, IfOvpnNoSuchInterface, IfOvpnNotFound
-from bsd_ovpn.engine.commands import Engine, inspect_socket
+from bsd_ovpn.engine.commands import Engine
 from bsd_ovpn.engine.daemon import EngineDaemon
-from bsd_ovpn.engine.dataplane import PythonDataPlane
 from bsd_ovpn.engines import engine_kind, open_transport
 from bsd_ovpn.errors import IfOvpnError, ValidationError
 from bsd_ovpn.ifovpn import DelReason, KeySlot
 from bsd_ovpn.interface import Interface, KeyMaterial, PeerDeleted
-
-
-class PairHost:
-    """Engine host edge: socketpairs as tun devices, data planes on the real UDP fds."""
-
-    def __init__(self) -> None:
-        self.tuns: dict[str, tuple[socket.socket, socket.socket]] = {}
-        self.up: set[str] = set()
-
-    def inspect_socket(self, fd):
-        return inspect_socket(fd)
-
-    def select_source(self, remote):
-        raise OSError(E.EHOSTUNREACH, "no route")
-
-    def create_link(self, name):
-        self.tuns[name] = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        return name
-
-    def destroy_link(self, name):
-        for s in self.tuns.pop(name, ()):
-            s.close()
-
-    def rename_link(self, name, new):
-        self.tuns[new] = self.tuns.pop(name)
-
-    def set_link_up(self, name):
-        self.up.add(name)
-
-    def link_is_up(self, name):
-        return name in self.up
-
-    def link_exists(self, name):
-        return name in self.tuns
-
-    def make_dataplane(self, name):
-        return PythonDataPlane()
-
-    def hook_socket(self, name, fd, dp):
-        dp.attach(fd, self.tuns[name][0].fileno())
-
-    def unhook_socket(self, name, dp):
-        dp.detach()
-
-    def set_steering(self, name, ids):
-        pass
-
-    def gateway_routes(self, name):
-        return []
+from tests.unit.conftest import PairHost
 
 
 @pytest.fixture

@@ -24,9 +24,10 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bsd_ovpn import nv
-from bsd_ovpn.engine.commands import Engine, inspect_socket
-from bsd_ovpn.engine.dataplane import SEQ_MAX, SEQ_ROTATE, PythonDataPlane
+from bsd_ovpn.engine.commands import Engine
+from bsd_ovpn.engine.dataplane import SEQ_MAX, SEQ_ROTATE
 from bsd_ovpn.ifovpn import Command, NotifType
+from tests.unit.conftest import PairHost
 
 C = Command
 PEER = 7
@@ -42,81 +43,11 @@ def _fast_available() -> bool:
     return True
 
 
-def _make(kind: str):
-    if kind == "python":
-        return PythonDataPlane()
-    from bsd_ovpn.engine.fastpath import FastDataPlane
-    return FastDataPlane()
-
-
-class Host:
-    """The engine's host edge: no tun device, the data plane attaches to a socketpair."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.links: set[str] = set()
-        self.up: set[str] = set()
-        self.tun_engine, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.tun.settimeout(2)
-        self.dataplanes: list = []
-
-    def inspect_socket(self, fd):
-        return inspect_socket(fd)
-
-    def select_source(self, remote):
-        return bytes(16)
-
-    def create_link(self, name):
-        self.links.add(name)
-        return name
-
-    def destroy_link(self, name):
-        self.links.discard(name)
-
-    def rename_link(self, name, new):
-        self.links.discard(name)
-        self.links.add(new)
-
-    def set_link_up(self, name):
-        self.up.add(name)
-
-    def link_is_up(self, name):
-        return name in self.up
-
-    def link_exists(self, name):
-        return name in self.links
-
-    def make_dataplane(self, name):
-        dp = _make(self.kind)
-        self.dataplanes.append(dp)
-        return dp
-
-    def hook_socket(self, name, fd, dp):
-        dp.attach(fd, self.tun_engine.fileno())
-
-    def unhook_socket(self, name, dp):
-        dp.detach()
-
-    def set_steering(self, name, ids):
-        pass
-
-    def gateway_routes(self, name):
-        return []
-
-    def close(self) -> None:
-        for dp in self.dataplanes:
-            dp.detach()
-            if hasattr(dp, "close"):
-                dp.close()
-        self.tun_engine.close()
-        self.tun.close()
-
-
 class Rig:
     """One engine interface with one peer whose far end is a loopback UDP socket."""
 
     def __init__(self, kind: str) -> None:
-        self.host = Host(kind)
+        self.host = PairHost(kind)
         self.eng = Engine(self.host)
         assert self.eng.create_interface("ovpn") == (0, "ovpn0")
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -169,7 +100,7 @@ class Rig:
         """
         pkt = bytearray(os.urandom(48))
         pkt[0] = 0x45
-        self.host.tun.send(bytes(pkt))
+        self.host.tuns["ovpn0"][1].send(bytes(pkt))
         wire = self.remote.recv(4096)
         op, seq = struct.unpack(">II", wire[:8])
         assert op >> 27 == 9 and op & 0xFFFFFF == PEER
@@ -184,7 +115,7 @@ class Rig:
         """n packets into the tun that must not leave (counted as nomem_data out)."""
         before = self.dp.iface_counters().nomem_data_out
         for _ in range(n):
-            self.host.tun.send(bytes([0x45]) + bytes(47))
+            self.host.tuns["ovpn0"][1].send(bytes([0x45]) + bytes(47))
         deadline = time.monotonic() + 3
         while self.dp.iface_counters().nomem_data_out < before + n:
             assert time.monotonic() < deadline, self.dp.iface_counters()

@@ -31,9 +31,8 @@ import pytest
 
 from bsd_ovpn import config as configmod
 from bsd_ovpn import logutil, nv
-from bsd_ovpn.engine.commands import Engine, inspect_socket
+from bsd_ovpn.engine.commands import Engine
 from bsd_ovpn.engine.daemon import EngineDaemon
-from bsd_ovpn.engine.dataplane import PythonDataPlane
 from bsd_ovpn.engine.transport import EngineTransport
 from bsd_ovpn.errors import OvpnError
 from bsd_ovpn.ifovpn import Command
@@ -46,6 +45,7 @@ from bsd_ovpn.proto.session import Session, SessionSettings
 from bsd_ovpn.proto.tls import TLSConfig
 from bsd_ovpn.proto.wrap import TLSAuth, TLSCrypt
 from bsd_ovpn.testbed.pki import PKI
+from tests.unit.conftest import PairHost
 
 CLIENT = ("192.0.2.2", 40000)
 PASSWORD = "correct horse battery staple 7f3a"
@@ -278,59 +278,9 @@ def test_handshake_and_rekey_log_no_key_material(tls, capture: Capture, wrap: st
 
 # --------------------------------------------------------------------------- the engine
 
-class KeyHost:
-    """Engine host edge without a tun: the Python data plane attached to a socketpair."""
-
-    def __init__(self) -> None:
-        self.links: set[str] = set()
-        self.up: set[str] = set()
-        self.pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-
-    def inspect_socket(self, fd):
-        return inspect_socket(fd)
-
-    def select_source(self, remote):
-        return bytes(16)
-
-    def create_link(self, name):
-        self.links.add(name)
-        return name
-
-    def destroy_link(self, name):
-        self.links.discard(name)
-
-    def rename_link(self, name, new):
-        self.links.discard(name)
-        self.links.add(new)
-
-    def set_link_up(self, name):
-        self.up.add(name)
-
-    def link_is_up(self, name):
-        return name in self.up
-
-    def link_exists(self, name):
-        return name in self.links
-
-    def make_dataplane(self, name):
-        return PythonDataPlane()
-
-    def hook_socket(self, name, fd, dp):
-        dp.attach(fd, self.pair[0].fileno())
-
-    def unhook_socket(self, name, dp):
-        dp.detach()
-
-    def set_steering(self, name, ids):
-        pass
-
-    def gateway_routes(self, name):
-        return []
-
-
 @pytest.fixture
 def engine_daemon(tmp_path: Path) -> Iterator[EngineDaemon]:
-    host = KeyHost()
+    host = PairHost()
     d = EngineDaemon(str(tmp_path / "e.sock"), engine=Engine(host))
     t = threading.Thread(target=d.serve_forever, daemon=True)
     t.start()
@@ -339,8 +289,7 @@ def engine_daemon(tmp_path: Path) -> Iterator[EngineDaemon]:
     finally:
         d.stop()
         t.join(5)
-        for s in host.pair:
-            s.close()
+        host.close()
 
 
 def test_engine_commands_log_no_key_material(engine_daemon: EngineDaemon,
@@ -434,7 +383,7 @@ def test_engine_socket_group_mode(tmp_path: Path) -> None:
     group = grp.getgrgid(os.getegid()).gr_name
     if os.geteuid() != 0:
         pytest.skip("chown to root:group needs root")
-    d = EngineDaemon(str(tmp_path / "g.sock"), group=group, engine=Engine(KeyHost()))
+    d = EngineDaemon(str(tmp_path / "g.sock"), group=group, engine=Engine(PairHost()))
     try:
         st = os.stat(d.path)
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == grp.getgrnam(group).gr_gid
