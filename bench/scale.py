@@ -57,6 +57,7 @@ Run as root from the checkout:  python3 bench/scale.py [--clients 1000 | --quick
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import math
@@ -199,7 +200,7 @@ def status_clients(path: Path) -> int | None:
     return sum(1 for line in text.splitlines() if line.startswith("CLIENT_LIST,"))
 
 
-class ServerUnderTest:
+class ServerUnderTest(abc.ABC):
     """One server implementation: start, its pids (for RSS), stop, log tail."""
 
     name = "?"
@@ -210,17 +211,21 @@ class ServerUnderTest:
         self.config_path = workdir / "server.conf"
         self.config_path.write_text(config)
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Implemented by each server under test."""
 
+    @abc.abstractmethod
     def pids(self) -> list[int]:
-        raise NotImplementedError
+        """Implemented by each server under test."""
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Implemented by each server under test."""
 
+    @abc.abstractmethod
     def log_tail(self, n: int = 30) -> str:
-        raise NotImplementedError
+        """Implemented by each server under test."""
 
     def rss(self) -> dict[str, int]:
         """VmRSS/VmHWM summed over the server's processes, plus VmRSS per process."""
