@@ -29,7 +29,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import targets as T  # noqa: E402
-from bsd_ovpn import nv  # noqa: E402
 from bsd_ovpn.ifovpn import PING_MAGIC, Command  # noqa: E402
 from bsd_ovpn.proto.datachannel import DataChannel, build_occ_exit  # noqa: E402
 from bsd_ovpn.proto.keyfile import (  # noqa: E402

@@ -81,6 +81,9 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     cap = (_vm_size_mb() + int(os.environ.get("BSD_OVPN_FUZZ_AS_MB", "1536"))) << 20
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if hard != resource.RLIM_INFINITY:      # a -merge child inherits its parent's cap
+        cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     args = [a for a in sys.argv[2:]]
