@@ -50,9 +50,10 @@ Where the engine deliberately differs from the kernel:
 * Data path (see :mod:`.dataplane`): "transport in" counts only the
   datagrams steered to the engine (the kernel counts every datagram on the
   socket); past 2**32-1 TX packets a key stays refused (the kernel resets the
-  counter and reuses a nonce); with more than 1000 peers the steering falls
-  back to the opcode alone and P_DATA_V2 for unknown peer ids is dropped
-  (lost_data) instead of reaching the control plane.
+  counter and reuses a nonce); when the peer ids form more than
+  ``steering.MAX_TREE_RUNS`` (681) runs of consecutive ids the steering
+  falls back to the opcode alone and P_DATA_V2 for unknown peer ids is
+  dropped (lost_data) instead of reaching the control plane.
 * Notifications cannot wake the control plane's socket (the kernel sets
   ``so_error = EAGAIN`` on it); controllers poll POLL_PKT/GET_PKT, which
   OpenVPN and bsd_ovpn's daemons do anyway.
@@ -60,17 +61,20 @@ Where the engine deliberately differs from the kernel:
 from __future__ import annotations
 
 import errno as E
+import heapq
 import ipaddress
+import itertools
 import os
 import socket
 import stat
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from bsd_ovpn import nv
 from bsd_ovpn.engine.dataplane import DataPlane, PeerCounters
+from bsd_ovpn.engine.steering import PeerIdSet
 from bsd_ovpn.ifovpn import (
     AF_INET, AF_INET6, CIPHER_KEY_SIZES, GET_COMMANDS, IFF_BROADCAST, IFF_MULTICAST,
     IFF_POINTOPOINT, IFMODE_P2P, IMPLICIT_IV_SIZE, INTERFACE_PREFIX, MAX_KEY_ID, MAX_KEY_SIZE,
@@ -111,13 +115,13 @@ def inspect_socket(fd: int) -> SocketInfo:
     sock = socket.socket(fileno=os.dup(fd))
     try:
         local: KAddr | None = None
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+        if sock.family == socket.AF_INET:
             name = sock.getsockname()
-            ip = ipaddress.ip_address(name[0].split("%", 1)[0])
-            if ip.version == 4:
-                local = (AF_INET, ip.packed, name[1], 0)
-            else:
-                local = (AF_INET6, ip.packed, name[1], name[3])
+            local = (AF_INET, socket.inet_aton(name[0]), name[1], 0)
+        elif sock.family == socket.AF_INET6:
+            name = sock.getsockname()
+            local = (AF_INET6, ipaddress.ip_address(name[0].split("%", 1)[0]).packed,
+                     name[1], name[3])
         return SocketInfo((st.st_dev, st.st_ino), sock.type, sock.family, local)
     finally:
         sock.close()
@@ -137,7 +141,7 @@ class Host(Protocol):
     def make_dataplane(self, name: str) -> DataPlane: ...
     def hook_socket(self, name: str, fd: int, dataplane: DataPlane) -> None: ...
     def unhook_socket(self, name: str, dataplane: DataPlane) -> None: ...
-    def set_steering(self, name: str, peer_ids: list[int]) -> None: ...
+    def set_steering(self, name: str, peer_ids: PeerIdSet) -> None: ...
     def gateway_routes(self, name: str) -> list: ...
 
 
@@ -163,6 +167,12 @@ class PeerState:
     timeout: int = 0
     next_ping: float | None = None
     timeout_at: float | None = None
+    #: creation order: due timers of several peers run in this order, as the
+    #: former walk over ``peers`` (a dict, so creation order) did
+    seq: int = 0
+    #: push numbers of the live timer-heap entries for next_ping / timeout_at
+    ping_entry: int = -1
+    timeout_entry: int = -1
 
 
 @dataclass
@@ -175,6 +185,13 @@ class IfState:
     peers: dict[int, PeerState] = field(default_factory=dict)
     ring: deque = field(default_factory=deque)
     routes: list = field(default_factory=list)
+    #: the peer ids as runs, kept in step with ``peers`` for the steering program
+    steer: PeerIdSet = field(default_factory=PeerIdSet)
+    #: keepalive deadlines: a heap of (time, push number, PeerState).  Entries
+    #: are never removed in place; one is stale (skipped when popped) unless
+    #: its peer is still in ``peers`` and its push number is still that peer's
+    #: ping_entry or timeout_entry.  Every live deadline has a live entry.
+    timers: list = field(default_factory=list)
 
     def notify(self, n: Notification) -> bool:
         """Queue a notification; a full ring drops the new one (buf_ring_enqueue)."""
@@ -188,10 +205,27 @@ class IfState:
 # nvlist helpers: the kernel's lookups by (name, type)
 # ---------------------------------------------------------------------------
 
+_NUMBER, _STRING, _NVLIST, _BINARY = (nv.NVType.NUMBER, nv.NVType.STRING, nv.NVType.NVLIST,
+                                       nv.NVType.BINARY)
+
+
+def _find(nvl: nv.NVList, name: str, nvtype: int) -> Any:
+    """nvlist_find: the first value of pair (name, type), or None.
+
+    One lookup where ``has_X`` + ``get_X`` take two (requests are parsed on
+    every command, so this is on the per-peer path).
+    """
+    try:
+        return nvl.get_typed(name, nvtype)
+    except nv.NVFieldError:
+        return None
+
+
 def _number(nvl: nv.NVList, name: str) -> int:
-    if not nvl.has_number(name):
+    value = _find(nvl, name, _NUMBER)
+    if value is None:
         raise CommandError(E.EINVAL)
-    return nvl.get_number(name)
+    return value
 
 
 def _c_int(value: int) -> int:
@@ -202,11 +236,14 @@ def _c_int(value: int) -> int:
 
 def parse_sockaddr(nvl: nv.NVList) -> KAddr:
     """ovpn_nvlist_to_sockaddr: af/address/port required, af 2 or 28, exact length."""
-    if not (nvl.has_number("af") and nvl.has_binary("address") and nvl.has_number("port")):
+    af = _find(nvl, "af", _NUMBER)
+    addr = _find(nvl, "address", _BINARY)
+    raw_port = _find(nvl, "port", _NUMBER)
+    if af is None or addr is None or raw_port is None:
         raise CommandError(E.EINVAL)
-    af = _c_int(nvl.get_number("af"))
-    addr = nvl.get_binary("address")
-    raw_port = nvl.get_number("port") & 0xFFFF
+    af = _c_int(af)
+    addr = bytes(addr)
+    raw_port &= 0xFFFF
     port = socket.ntohs(raw_port)                     # stored raw into sin_port
     if af == AF_INET:
         if len(addr) != 4:
@@ -234,7 +271,7 @@ def sockaddr_nvlist(a: KAddr) -> nv.NVList:
 def kaddr_to_sockaddr(a: KAddr) -> tuple:
     """Kernel address -> Python sockaddr tuple (what data planes take)."""
     if a[0] == AF_INET:
-        return (str(ipaddress.IPv4Address(a[1])), a[2])
+        return (socket.inet_ntop(socket.AF_INET, a[1]), a[2])   # = str(IPv4Address), faster
     return (str(ipaddress.IPv6Address(a[1])), a[2], 0, a[3])
 
 
@@ -245,8 +282,9 @@ def sockaddr_to_kaddr(sa: tuple) -> KAddr:
     return (AF_INET6, ip.packed, sa[1], sa[3] if len(sa) > 3 else 0)
 
 
-def _counters(inn: int, out: int) -> nv.NVList:
-    return nv.NVList([("in", inn), ("out", out)])
+def _counters(inn: int, out: int) -> dict:
+    """``{in, out}`` as a reply sub-list (a dict: nv.pack packs any mapping)."""
+    return {"in": inn, "out": out}
 
 
 _CIPHER_FAMILY = {"none": "none", "AES-128-GCM": "gcm", "AES-192-GCM": "gcm",
@@ -255,21 +293,21 @@ _CIPHER_FAMILY = {"none": "none", "AES-128-GCM": "gcm", "AES-192-GCM": "gcm",
 
 def parse_key_dir(nvl: nv.NVList) -> tuple[str, bytes, bytes]:
     """ovpn_create_kkey_dir's checks: (cipher, key, iv) or CommandError."""
-    if not nvl.has_string("cipher"):
-        raise CommandError(E.EINVAL)
-    cipher = nvl.get_string("cipher")
-    if cipher not in CIPHER_KEY_SIZES:
+    cipher = _find(nvl, "cipher", _STRING)
+    if cipher is None or cipher not in CIPHER_KEY_SIZES:
         raise CommandError(E.EINVAL)
     if cipher == "none":
         return cipher, b"", b""
-    if not nvl.has_binary("key"):
+    key = _find(nvl, "key", _BINARY)
+    if key is None:
         raise CommandError(E.EINVAL)
-    key = nvl.get_binary("key")
+    key = bytes(key)
     if len(key) > MAX_KEY_SIZE:
         raise CommandError(E.E2BIG)
-    if not nvl.has_binary("iv"):
+    iv = _find(nvl, "iv", _BINARY)
+    if iv is None:
         raise CommandError(E.EINVAL)
-    iv = nvl.get_binary("iv")
+    iv = bytes(iv)
     if len(iv) != IMPLICIT_IV_SIZE:
         raise CommandError(E.E2BIG)
     # crypto_newsession: GCM takes 16/24/32-byte keys, ChaCha20-Poly1305 32.
@@ -291,6 +329,8 @@ class Engine:
         self.clock = clock
         self.interfaces: dict[str, IfState] = {}
         self.replay_protection = True
+        self._peer_seq = itertools.count()
+        self._push_seq = itertools.count()
 
     # -- cloner ------------------------------------------------------------
     def create_interface(self, name: str = INTERFACE_PREFIX) -> tuple[int, str]:
@@ -329,6 +369,7 @@ class Engine:
         for peer_id in sorted(ifs.peers):
             self._delete_peer(ifs, peer_id, DelReason.REQUESTED)
         ifs.ring.clear()
+        ifs.timers.clear()
         if ifs.socket is not None:
             self.host.unhook_socket(name, ifs.dataplane)
             ifs.socket = None
@@ -397,11 +438,12 @@ class Engine:
             raise CommandError(E.EINVAL)
         peer_id = _number(nvl, "peerid")
         _number(nvl, "fd")
-        if not nvl.has_nvlist("remote"):
+        remote_nvl = _find(nvl, "remote", _NVLIST)
+        if remote_nvl is None:
             raise CommandError(E.EINVAL)
         if peer_id > MAX_PEER_ID:
             raise CommandError(E.EINVAL)            # engine: the kernel does not check
-        remote = parse_sockaddr(nvl.get_nvlist("remote"))
+        remote = parse_sockaddr(remote_nvl)
         # getsock(): the descriptor that came with the request (SCM_RIGHTS)
         if fd is None:
             raise CommandError(E.EBADF)
@@ -452,11 +494,13 @@ class Engine:
             except OSError as exc:
                 raise CommandError(exc.errno or E.EINVAL) from None
             ifs.socket = info
-        peer = PeerState(peer_id, remote, local, vpn4 or bytes(4), vpn6 or bytes(16))
+        peer = PeerState(peer_id, remote, local, vpn4 or bytes(4), vpn6 or bytes(16),
+                         seq=next(self._peer_seq))
         ifs.peers[peer_id] = peer
+        ifs.steer.add(peer_id)
         ifs.dataplane.add_peer(peer_id, kaddr_to_sockaddr(remote), kaddr_to_sockaddr(local),
                                vpn4, vpn6)
-        self.host.set_steering(ifs.name, sorted(ifs.peers))
+        self.host.set_steering(ifs.name, ifs.steer)
 
     def _del_peer(self, ifs: IfState, nvl: nv.NVList | None) -> None:
         if nvl is None:
@@ -470,10 +514,11 @@ class Engine:
         """_ovpn_del_peer + ovpn_peer_release_ref: notify, and with the last peer
         gone release the socket (ovpn_rele_so unhooks it and forgets it)."""
         del ifs.peers[peer_id]
+        ifs.steer.discard(peer_id)
         counters = ifs.dataplane.del_peer(peer_id)
         ifs.notify(Notification(NotifType.DEL_PEER, peer_id, reason, counters))
         if ifs.peers or ifs.socket is None:
-            self.host.set_steering(ifs.name, sorted(ifs.peers))
+            self.host.set_steering(ifs.name, ifs.steer)
         else:
             self.host.unhook_socket(ifs.name, ifs.dataplane)
             ifs.socket = None
@@ -488,10 +533,12 @@ class Engine:
             raise CommandError(E.EINVAL)
         if key_id > MAX_KEY_ID or peer_id > MAX_PEER_ID:
             raise CommandError(E.EINVAL)            # engine: the kernel does not check
-        if not (nvl.has_nvlist("encrypt") and nvl.has_nvlist("decrypt")):
+        enc_nvl = _find(nvl, "encrypt", _NVLIST)
+        dec_nvl = _find(nvl, "decrypt", _NVLIST)
+        if enc_nvl is None or dec_nvl is None:
             raise CommandError(E.EINVAL)
-        enc = parse_key_dir(nvl.get_nvlist("encrypt"))
-        dec = parse_key_dir(nvl.get_nvlist("decrypt"))
+        enc = parse_key_dir(enc_nvl)
+        dec = parse_key_dir(dec_nvl)
         if _CIPHER_FAMILY[enc[0]] != _CIPHER_FAMILY[dec[0]]:
             raise CommandError(E.EINVAL)            # engine: one cipher family per key
         peer = ifs.peers.get(peer_id)
@@ -530,21 +577,26 @@ class Engine:
     def _set_peer(self, ifs: IfState, nvl: nv.NVList | None) -> None:
         if nvl is None:
             raise CommandError(E.EINVAL)
-        if not (nvl.has_number("interval") and nvl.has_number("timeout")
-                and nvl.has_number("peerid")):
+        interval = _find(nvl, "interval", _NUMBER)
+        timeout = _find(nvl, "timeout", _NUMBER)
+        peer_id = _find(nvl, "peerid", _NUMBER)
+        if interval is None or timeout is None or peer_id is None:
             raise CommandError(E.EINVAL)
-        peer = ifs.peers.get(nvl.get_number("peerid") & U32)
+        peer = ifs.peers.get(peer_id & U32)
         if peer is None:
             raise CommandError(E.ENOENT)
         now = self.clock()
-        peer.interval = nvl.get_number("interval") & U32
-        peer.timeout = nvl.get_number("timeout") & U32
+        peer.interval = interval & U32
+        peer.timeout = timeout & U32
         if peer.interval > 0:
             peer.next_ping = now + peer.interval
+            peer.ping_entry = self._arm(ifs, peer, peer.next_ping)
         else:
             peer.next_ping = None
+            peer.ping_entry = -1
         if peer.timeout > 0:
             peer.timeout_at = now + peer.timeout
+            peer.timeout_entry = self._arm(ifs, peer, peer.timeout_at)
 
     def _start_vpn(self, ifs: IfState, nvl: nv.NVList | None) -> None:
         ifs.dataplane.set_running(True)         # before the link comes up: no early drops
@@ -588,7 +640,7 @@ class Engine:
         elif cmd == Command.OVPN_GET_PEER_STATS:
             reply = self._get_peer_stats(ifs)
         elif cmd == Command.OVPN_POLL_PKT:
-            reply = nv.NVList([("pending", len(ifs.ring))])
+            reply = {"pending": len(ifs.ring)}
         else:
             if not ifs.ring:
                 return E.ENOENT, b""
@@ -598,46 +650,44 @@ class Engine:
             return E.ENOSPC, b""
         return 0, packed
 
-    def _get_stats(self, ifs: IfState) -> nv.NVList:
+    # Replies are plain dicts (insertion-ordered, so the kernel's key order):
+    # nv.pack takes any mapping and packs them to the same bytes as NVLists,
+    # without NVList's per-add checks -- GET_PEER_STATS with 1000 peers is
+    # 3000 nested lists, asked for every second by a server with ``status``.
+    def _get_stats(self, ifs: IfState) -> dict:
         c = ifs.dataplane.iface_counters()
-        out = nv.NVList()
-        out.add("lost_ctrl", _counters(0, 0))
-        out.add("lost_data", _counters(c.lost_data_in, c.lost_data_out))
-        out.add("nomem_data", _counters(c.nomem_data_in, c.nomem_data_out))
-        out.add("data", _counters(c.data_in, c.data_out))
-        out.add("ctrl", _counters(0, 0))
-        # kernel quirk kept: "out" repeats the received counter
-        out.add("tunnel", _counters(c.tunnel_in, c.tunnel_in))
-        out.add("transport", _counters(c.transport_in, c.transport_in))
-        return out
+        return {
+            "lost_ctrl": _counters(0, 0),
+            "lost_data": _counters(c.lost_data_in, c.lost_data_out),
+            "nomem_data": _counters(c.nomem_data_in, c.nomem_data_out),
+            "data": _counters(c.data_in, c.data_out),
+            "ctrl": _counters(0, 0),
+            # kernel quirk kept: "out" repeats the received counter
+            "tunnel": _counters(c.tunnel_in, c.tunnel_in),
+            "transport": _counters(c.transport_in, c.transport_in),
+        }
 
-    def _get_peer_stats(self, ifs: IfState) -> nv.NVList:
-        out = nv.NVList()
+    def _get_peer_stats(self, ifs: IfState) -> dict:
+        counters = ifs.dataplane.peer_counters
         peers = []
-        for peer_id in sorted(ifs.peers):
-            c = ifs.dataplane.peer_counters(peer_id)
-            p = nv.NVList()
-            p.add("peerid", peer_id)
-            p.add("packets", _counters(c.pkt_in, c.pkt_out))
-            p.add("bytes", _counters(c.bytes_in, c.bytes_out))
-            peers.append(p)
-        if peers:
-            out.add("peers", peers)
-        return out
+        for peer_id in ifs.steer:                   # ascending, like sorted(ifs.peers)
+            c = counters(peer_id)
+            peers.append({"peerid": peer_id,
+                          "packets": {"in": c.pkt_in, "out": c.pkt_out},
+                          "bytes": {"in": c.bytes_in, "out": c.bytes_out}})
+        return {"peers": peers} if peers else {}
 
     @staticmethod
-    def _notification_nvlist(n: Notification) -> nv.NVList:
-        out = nv.NVList()
-        out.add("peerid", n.peer_id)
-        out.add("notification", int(n.type))
+    def _notification_nvlist(n: Notification) -> dict:
+        out: dict = {"peerid": n.peer_id, "notification": int(n.type)}
         if n.type == NotifType.DEL_PEER:
             c = n.counters or PeerCounters()
-            out.add("del_reason", int(n.del_reason))
-            out.add("packets", _counters(c.pkt_in, c.pkt_out))
-            out.add("bytes", _counters(c.bytes_in, c.bytes_out))
+            out["del_reason"] = int(n.del_reason)
+            out["packets"] = _counters(c.pkt_in, c.pkt_out)
+            out["bytes"] = _counters(c.bytes_in, c.bytes_out)
         elif n.type == NotifType.FLOAT:
             assert n.address is not None
-            out.add("address", sockaddr_nvlist(n.address))
+            out["address"] = sockaddr_nvlist(n.address)
         return out
 
     # -- time and data-plane events ----------------------------------------
@@ -659,7 +709,20 @@ class Engine:
                 if ifs.notify(Notification(NotifType.FLOAT, ev[1], address=addr)):
                     peer.remote = addr          # only once the notification is queued
                     ifs.dataplane.set_remote(ev[1], ev[2])
-        for peer in list(ifs.peers.values()):
+        timers = ifs.timers
+        if not timers or timers[0][0] > now:
+            return
+        # Due peers, each once, in creation order: the order the former walk
+        # over every peer ran them in (and so the order of their DEL_PEERs).
+        due: dict[int, PeerState] = {}
+        while timers and timers[0][0] <= now:
+            entry = heapq.heappop(timers)
+            if self._live_entry(ifs, entry):
+                due[entry[2].seq] = entry[2]
+        for seq in sorted(due):
+            peer = due[seq]
+            if ifs.peers.get(peer.peer_id) is not peer:
+                continue
             if peer.next_ping is not None and peer.next_ping <= now:
                 if peer.interval > 0:
                     ifs.dataplane.send_ping(peer.peer_id)
@@ -668,26 +731,61 @@ class Engine:
                     peer.next_ping += peer.interval
                     if peer.next_ping <= now:
                         peer.next_ping = now + peer.interval
+                    peer.ping_entry = self._arm(ifs, peer, peer.next_ping)
                 else:
                     peer.next_ping = None
+                    peer.ping_entry = -1
             if peer.timeout_at is not None and peer.timeout_at <= now:
                 last = ifs.dataplane.last_active(peer.peer_id)
                 if last + peer.timeout > now:
                     peer.timeout_at = last + peer.timeout
+                    peer.timeout_entry = self._arm(ifs, peer, peer.timeout_at)
                 else:
                     self._delete_peer(ifs, peer.peer_id, DelReason.TIMEOUT)
 
+    @staticmethod
+    def _live_entry(ifs: IfState, entry: tuple) -> bool:
+        """Whether a timer heap entry still stands for one of its peer's deadlines."""
+        _, n, peer = entry
+        return (n == peer.ping_entry or n == peer.timeout_entry) \
+            and ifs.peers.get(peer.peer_id) is peer
+
+    def _arm(self, ifs: IfState, peer: PeerState, t: float) -> int:
+        """Push a deadline (O(log n)); returns the entry's push number for ``peer``.
+
+        Once stale entries (re-armed or deleted peers) outnumber live ones by
+        far, the heap is rebuilt from the live ones: O(n), amortized over the
+        pushes that made the garbage.
+        """
+        timers = ifs.timers
+        if len(timers) > 4 * len(ifs.peers) + 64:
+            timers[:] = [e for e in timers if self._live_entry(ifs, e)]
+            heapq.heapify(timers)
+        n = next(self._push_seq)
+        heapq.heappush(timers, (t, n, peer))
+        return n
+
+    def _next_deadline(self, ifs: IfState) -> float | None:
+        """The earliest live deadline of ``ifs`` (stale heap tops are dropped)."""
+        timers = ifs.timers
+        while timers and not self._live_entry(ifs, timers[0]):
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
     def tick(self, now: float | None = None) -> float | None:
-        """Run :meth:`sync` on every interface; returns the next timer deadline."""
+        """Run :meth:`sync` on every interface; returns the next timer deadline.
+
+        Costs O(due timers * log n) plus one event poll per interface: the
+        timers are a heap, not a walk over every peer.
+        """
         if now is None:
             now = self.clock()
         deadline: float | None = None
         for ifs in list(self.interfaces.values()):
             self.sync(ifs, now)
-            for peer in ifs.peers.values():
-                for t in (peer.next_ping, peer.timeout_at):
-                    if t is not None and (deadline is None or t < deadline):
-                        deadline = t
+            t = self._next_deadline(ifs)
+            if t is not None and (deadline is None or t < deadline):
+                deadline = t
         return deadline
 
     def reap_vanished(self) -> list[str]:

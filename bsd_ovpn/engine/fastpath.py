@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import socket
 from typing import Sequence
 
 from bsd_ovpn import binding
@@ -36,6 +37,12 @@ TUN_HEADER = 4 if os.uname().sysname == "FreeBSD" else 0
 
 def c_addr(sa: SockAddr) -> tuple[int, bytes, int, int]:
     """(ipver, raw address, port, scope id) for the C side from a sockaddr tuple."""
+    if type(sa) is tuple and len(sa) == 2 and type(sa[0]) is str and type(sa[1]) is int \
+            and 0 <= sa[1] <= 0xFFFF:
+        try:        # the common case, without ipaddress (NEW_PEER's per-peer path)
+            return 4, socket.inet_pton(socket.AF_INET, sa[0]), sa[1], 0
+        except OSError:
+            pass
     try:
         ip = ipaddress.ip_address(str(sa[0]).split("%", 1)[0])
         port = int(sa[1])

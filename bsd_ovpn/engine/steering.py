@@ -19,8 +19,17 @@ split with SO_REUSEPORT:
 * the program returns 1 (engine) when the payload is at least 8 bytes, its
   first byte >> 3 is 9 (P_DATA_V2) and the 24-bit peer id after it names a
   known peer; otherwise 0 (control plane).  Those are the kernel filter's
-  three conditions, in its order.  The peer ids are a binary compare tree,
-  regenerated and re-attached atomically on every peer add/delete.
+  three conditions, in its order.  The known ids are kept as runs of
+  consecutive ids (:class:`PeerIdSet`, updated in O(log runs) per add or
+  delete), and the program is a binary compare tree over those runs,
+  regenerated and re-attached atomically on every peer add/delete.  A
+  server hands out peer ids densely from 0, so 1000 peers are usually one
+  run: the program stays 12 instructions and an add or delete costs the
+  same at 1 and at 1000 peers (it used to be a tree over every id, rebuilt
+  and packed on every change: O(peers) each, O(peers^2) per connect burst,
+  which was half of the engine's CPU with 1000 clients).  Only ids scattered
+  into more than :data:`MAX_TREE_RUNS` (681) runs overflow BPF_MAXINSNS; the
+  program then tests the opcode alone (see :func:`steering_program`).
 
 For a reuseport program the packet data starts at the UDP payload, and a load
 past the end makes the program return 0, so short datagrams go to the control
@@ -32,9 +41,10 @@ Measured here (Linux 6.18, loopback, 2 shared cores, 200 000 datagrams of
 plain socket 308 kpps; steered with 3 peers 294 kpps; steered with 1000
 peers 294 kpps (another run: 248 vs 102 for plain, i.e. noise from the other
 load on the machine dominates).  The sender/receiver loops are the
-bottleneck, the program (about 30 instructions run per datagram for 1000
-peers: a log2 tree) is not visible, and in every run no datagram reached the
-wrong socket (tests/unit/test_engine_steering.py checks that exactly).
+bottleneck, the program (then about 30 instructions run per datagram for
+1000 scattered peers: a log2 tree over single ids; a tree over runs runs
+fewer) is not visible, and in every run no datagram reached the wrong socket
+(tests/unit/test_engine_steering.py checks that exactly).
 The fallback the design mentions (the engine owns
 the socket and forwards control datagrams over a socketpair) would force the
 control plane to read differently per backend, so it is not used; the price of
@@ -43,12 +53,14 @@ NEW_PEER reports as EADDRINUSE when it is not met.
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import ipaddress
+import itertools
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from bsd_ovpn.errors import OvpnError
 from bsd_ovpn.ifovpn import MAX_PEER_ID
@@ -73,63 +85,177 @@ _JMP_JGE_K = 0x35
 _RET_K = 0x06
 
 BPF_MAXINSNS = 4096
-#: Above this many peers the compare tree would not fit in BPF_MAXINSNS; the
-#: program then steers on the opcode alone (see :func:`steering_program`).
-MAX_TREE_PEERS = 1000
+#: Instructions before the compare tree: length, opcode, peer id load and mask.
+_HEAD_LEN = 9
+#: Above this many runs of consecutive peer ids the compare tree (at most
+#: 4 instructions per run and 2 per inner node) would not fit in
+#: BPF_MAXINSNS; the program then steers on the opcode alone (see
+#: :func:`steering_program`).
+MAX_TREE_RUNS = (BPF_MAXINSNS - _HEAD_LEN + 2) // 6
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k)
+_INSN = struct.Struct("=HBBI")      # struct sock_filter
 
 
 class SteeringError(OvpnError):
     """The shared-port split could not be set up (says which step failed)."""
 
 
-def _tree(peer_ids: list[int]) -> list[Insn]:
-    """Instructions deciding on A = peer id: ret ENGINE if A is in ``peer_ids``.
+class PeerIdSet:
+    """A set of 24-bit peer ids stored as sorted runs of consecutive ids.
 
-    Balanced binary search; an inner node is ``jgt pivot`` followed by an
-    unconditional ``ja`` over the left half, because conditional jump offsets
-    are only 8 bits and the halves can be longer than 255 instructions.
+    Why runs: the program's size follows the number of runs, not of ids, and
+    servers allocate ids densely, so the common case is one run however many
+    peers there are.  ``add``/``discard`` cost a binary search plus at most one
+    list insert/delete (a memmove of the run lists): no full sort per change.
+    Iterating gives the ids in ascending order.
     """
-    if len(peer_ids) <= 2:
-        out: list[Insn] = []
-        for pid in peer_ids:
-            out.append((_JMP_JEQ_K, 0, 1, pid))
-            out.append((_RET_K, 0, 0, ENGINE_INDEX))
+
+    __slots__ = ("_lo", "_hi", "_count")
+
+    def __init__(self, ids: Iterable[int] = ()) -> None:
+        self._lo: list[int] = []        # first id of each run, ascending
+        self._hi: list[int] = []        # last id of the same run
+        self._count = 0
+        for pid in sorted(set(ids)):
+            self.add(pid)
+
+    def add(self, pid: int) -> bool:
+        """Add ``pid``; False if it was already there.  ValueError if not 24-bit."""
+        if not 0 <= pid <= MAX_PEER_ID:
+            raise ValueError(f"peer id {pid} is not a 24-bit number (steering)")
+        lo, hi = self._lo, self._hi
+        i = bisect.bisect_right(lo, pid) - 1          # the run starting at or before pid
+        if i >= 0 and pid <= hi[i]:
+            return False
+        joins_left = i >= 0 and hi[i] == pid - 1
+        joins_right = i + 1 < len(lo) and lo[i + 1] == pid + 1
+        if joins_left and joins_right:
+            hi[i] = hi[i + 1]
+            del lo[i + 1], hi[i + 1]
+        elif joins_left:
+            hi[i] = pid
+        elif joins_right:
+            lo[i + 1] = pid
+        else:
+            lo.insert(i + 1, pid)
+            hi.insert(i + 1, pid)
+        self._count += 1
+        return True
+
+    def discard(self, pid: int) -> bool:
+        """Remove ``pid`` (splitting its run if it is inside one); False if absent."""
+        lo, hi = self._lo, self._hi
+        i = bisect.bisect_right(lo, pid) - 1
+        if i < 0 or pid > hi[i]:
+            return False
+        first, last = lo[i], hi[i]
+        if first == last:
+            del lo[i], hi[i]
+        elif pid == first:
+            lo[i] = pid + 1
+        elif pid == last:
+            hi[i] = pid - 1
+        else:
+            hi[i] = pid - 1
+            lo.insert(i + 1, pid + 1)
+            hi.insert(i + 1, last)
+        self._count -= 1
+        return True
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The (first, last) id of every run, ascending (a copy)."""
+        return list(zip(self._lo, self._hi))
+
+    @property
+    def run_count(self) -> int:
+        return len(self._lo)
+
+    def __contains__(self, pid: object) -> bool:
+        if not isinstance(pid, int):
+            return False
+        i = bisect.bisect_right(self._lo, pid) - 1
+        return i >= 0 and pid <= self._hi[i]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[int]:
+        for first, last in zip(self._lo, self._hi):
+            yield from range(first, last + 1)
+
+    def __repr__(self) -> str:
+        return f"PeerIdSet({self.runs()!r})"
+
+
+def _leaf(out: list[Insn], first: int, last: int) -> None:
+    """ret ENGINE if first <= A <= last, else ret CONTROL (A is a 24-bit id)."""
+    if first == last:
+        out += [(_JMP_JEQ_K, 0, 1, first), (_RET_K, 0, 0, ENGINE_INDEX),
+                (_RET_K, 0, 0, CONTROL_INDEX)]
+        return
+    if first > 0:                       # A < first -> the final ret CONTROL
+        out.append((_JMP_JGE_K, 0, 2 if last < MAX_PEER_ID else 1, first))
+    if last < MAX_PEER_ID:              # A > last -> ret CONTROL
+        out.append((_JMP_JGT_K, 1, 0, last))
+    out.append((_RET_K, 0, 0, ENGINE_INDEX))
+    if first > 0 or last < MAX_PEER_ID:
         out.append((_RET_K, 0, 0, CONTROL_INDEX))
-        return out
-    mid = len(peer_ids) // 2
-    left = _tree(peer_ids[:mid])          # ids <= peer_ids[mid-1]
-    right = _tree(peer_ids[mid:])
-    return [(_JMP_JGT_K, 0, 1, peer_ids[mid - 1]),
-            (_JMP_JA, 0, 0, len(left))] + left + right
 
 
-def steering_program(peer_ids: Iterable[int] | None) -> list[Insn]:
+def _tree(out: list[Insn], lo: list[int], hi: list[int], a: int, b: int) -> None:
+    """Append instructions deciding on A = peer id over runs ``a..b-1``.
+
+    Balanced binary search; an inner node is ``jgt last-of-left-half``
+    followed by an unconditional ``ja`` over the left half, because
+    conditional jump offsets are only 8 bits and a half can be longer than
+    255 instructions.
+    """
+    if b - a == 1:
+        _leaf(out, lo[a], hi[a])
+        return
+    mid = (a + b) // 2
+    out.append((_JMP_JGT_K, 0, 1, hi[mid - 1]))      # A > left's last id -> right half
+    ja = len(out)
+    out.append((_JMP_JA, 0, 0, 0))
+    _tree(out, lo, hi, a, mid)
+    out[ja] = (_JMP_JA, 0, 0, len(out) - ja - 1)
+    _tree(out, lo, hi, mid, b)
+
+
+_HEAD: list[Insn] = [
+    (_LD_W_LEN, 0, 0, 0),
+    (_JMP_JGE_K, 1, 0, 8),                       # len >= 8 ?
+    (_RET_K, 0, 0, CONTROL_INDEX),
+    (_LD_B_ABS, 0, 0, 0),
+    (_ALU_RSH_K, 0, 0, 3),
+    (_JMP_JEQ_K, 1, 0, P_DATA_V2),
+    (_RET_K, 0, 0, CONTROL_INDEX),
+]
+_LOAD_PEER_ID: list[Insn] = [(_LD_W_ABS, 0, 0, 0), (_ALU_AND_K, 0, 0, MAX_PEER_ID)]
+assert len(_HEAD) + len(_LOAD_PEER_ID) == _HEAD_LEN
+
+
+def steering_program(peer_ids: PeerIdSet | Iterable[int] | None) -> list[Insn]:
     """The classic BPF reuseport program for a set of known peer ids.
 
-    ``None`` (or more than :data:`MAX_TREE_PEERS` ids) gives the opcode-only
-    program: every P_DATA_V2 of 8+ bytes goes to the engine, which then drops
-    those of unknown peers (counted lost_data) instead of leaving them to the
-    control plane.
+    Cost and size follow the number of runs of consecutive ids (a
+    :class:`PeerIdSet` is used as is; any other iterable is converted, which
+    also checks the ids are 24-bit).  ``None``, or more than
+    :data:`MAX_TREE_RUNS` runs, gives the opcode-only program: every
+    P_DATA_V2 of 8+ bytes goes to the engine, which then drops those of
+    unknown peers (counted lost_data) instead of leaving them to the control
+    plane.
     """
-    head: list[Insn] = [
-        (_LD_W_LEN, 0, 0, 0),
-        (_JMP_JGE_K, 1, 0, 8),                       # len >= 8 ?
-        (_RET_K, 0, 0, CONTROL_INDEX),
-        (_LD_B_ABS, 0, 0, 0),
-        (_ALU_RSH_K, 0, 0, 3),
-        (_JMP_JEQ_K, 1, 0, P_DATA_V2),
-        (_RET_K, 0, 0, CONTROL_INDEX),
-    ]
-    ids = None if peer_ids is None else sorted(set(peer_ids))
-    if ids is not None and any(not 0 <= p <= MAX_PEER_ID for p in ids):
-        raise ValueError("peer ids must be 24-bit numbers for steering")
-    if ids is None or len(ids) > MAX_TREE_PEERS:
-        return head + [(_RET_K, 0, 0, ENGINE_INDEX)]
-    if not ids:
-        return head[:-2] + [(_RET_K, 0, 0, CONTROL_INDEX)]
-    prog = head + [(_LD_W_ABS, 0, 0, 0), (_ALU_AND_K, 0, 0, MAX_PEER_ID)] + _tree(ids)
+    if peer_ids is None:
+        return _HEAD + [(_RET_K, 0, 0, ENGINE_INDEX)]
+    ids = peer_ids if isinstance(peer_ids, PeerIdSet) else PeerIdSet(peer_ids)
+    if not len(ids):
+        return [(_RET_K, 0, 0, CONTROL_INDEX)]
+    if ids.run_count > MAX_TREE_RUNS:
+        return _HEAD + [(_RET_K, 0, 0, ENGINE_INDEX)]
+    prog = _HEAD + _LOAD_PEER_ID
+    _tree(prog, ids._lo, ids._hi, 0, ids.run_count)
     assert len(prog) <= BPF_MAXINSNS
     return prog
 
@@ -137,11 +263,14 @@ def steering_program(peer_ids: Iterable[int] | None) -> list[Insn]:
 def run_program(prog: list[Insn], payload: bytes) -> int:
     """Interpret ``prog`` on a UDP payload, as the kernel would (for tests).
 
-    Only the opcodes :func:`steering_program` emits are supported.
+    Only the opcodes :func:`steering_program` emits are supported.  Like the
+    kernel's checker, a jump past the end of the program is an error.
     """
     a = 0
     pc = 0
     while True:
+        if not 0 <= pc < len(prog):
+            raise ValueError(f"BPF jump out of the program (pc {pc})")
         code, jt, jf, k = prog[pc]
         pc += 1
         if code == _LD_W_LEN:
@@ -169,12 +298,15 @@ def run_program(prog: list[Insn], payload: bytes) -> int:
             raise ValueError(f"unsupported BPF opcode {code:#x}")
 
 
+def pack_program(prog: list[Insn]) -> bytes:
+    """The program as the kernel's ``struct sock_filter`` array (one Struct, no per-call format)."""
+    return b"".join(itertools.starmap(_INSN.pack, prog))
+
+
 def attach_program(sock: socket.socket, prog: list[Insn]) -> None:
     """Attach ``prog`` to the reuseport group ``sock`` is in (atomic replace)."""
     n = len(prog)
-    arr = (ctypes.c_uint8 * (8 * n))()
-    for i, (code, jt, jf, k) in enumerate(prog):
-        struct.pack_into("=HBBI", arr, 8 * i, code, jt, jf, k)
+    arr = ctypes.create_string_buffer(pack_program(prog), 8 * n)
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; },
     # padded to the pointer's alignment; the kernel copies the array at once.
     if struct.calcsize("P") == 8:

@@ -698,3 +698,27 @@ def test_interface_whose_link_vanished_is_forgotten(eng, host):
     assert eng.reap_vanished() == ["ovpn0"]
     assert eng.handle_get("ovpn0", C.OVPN_POLL_PKT, 128) == (E.ENXIO, b"")
     assert eng.reap_vanished() == []
+
+
+def test_fast_address_conversions_agree_with_ipaddress(socks):
+    """NEW_PEER's per-peer path converts addresses without ipaddress (IPv4):
+    same results as the ipaddress-based conversions, same errors for bad input."""
+    import ipaddress
+
+    from bsd_ovpn.engine.commands import inspect_socket, kaddr_to_sockaddr
+    from bsd_ovpn.errors import ValidationError
+
+    fastpath = pytest.importorskip("bsd_ovpn.engine.fastpath")
+    for raw in (bytes(4), b"\xc0\x00\x02\x01", b"\xff" * 4, b"\x7f\x00\x00\x01"):
+        assert kaddr_to_sockaddr((2, raw, 1194, 0)) == (str(ipaddress.IPv4Address(raw)), 1194)
+    for sa in (("192.0.2.1", 1194), ("0.0.0.0", 0), ("255.255.255.255", 65535),
+               ("2001:db8::1", 5, 0, 3), ("::ffff:192.0.2.1", 9)):
+        ip = ipaddress.ip_address(sa[0])
+        want = (ip.version, ip.packed, sa[1], sa[3] if len(sa) > 3 else 0)
+        assert fastpath.c_addr(sa) == want
+    for bad in (("01.2.3.4", 1), ("1.2.3", 1), ("192.0.2.1", 70000), ("192.0.2.1", -1),
+                ("192.0.2.1 ", 1), ("nope", 1)):
+        with pytest.raises(ValidationError):
+            fastpath.c_addr(bad)
+    s = socks()
+    assert inspect_socket(s.fileno()).local == (2, b"\x7f\x00\x00\x01", s.getsockname()[1], 0)

@@ -217,3 +217,33 @@ def test_large_peer_stats_reply(daemon):
             assert len(tr.query(ifc.name, Command.OVPN_GET_PEER_STATS, 1 << 20)) > 30000
     finally:
         udp.close()
+
+
+def test_pipelined_requests_are_answered_in_order(daemon):
+    """A client may send many requests before reading: one wake-up serves up to
+    MAX_PER_WAKEUP of them, and every reply comes back in request order."""
+    d, host, path = daemon
+    with EngineTransport(path) as tr:
+        name = tr.create_interface("ovpn")
+    n = 3 * daemon_mod.MAX_PER_WAKEUP + 5
+    cmds = [Command.OVPN_POLL_PKT if i % 3 else Command.OVPN_GET_PKT for i in range(n)]
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(path)
+        conn.settimeout(5)
+        for cmd in cmds:
+            conn.send(daemon_mod.REQ.pack(daemon_mod.MAGIC, daemon_mod.OP_GET, name.encode(),
+                                          b"", int(cmd), 4096))
+        conn.send(daemon_mod.REQ.pack(daemon_mod.MAGIC, daemon_mod.OP_SET, name.encode(),
+                                      b"", int(Command.OVPN_DEL_PEER), 0) + b"\0" * 70000)
+        for cmd in cmds:
+            magic, err = daemon_mod.REP.unpack_from(reply := conn.recv(4096))
+            if cmd == Command.OVPN_GET_PKT:
+                assert err == errno.ENOENT
+            else:
+                assert err == 0 and nv.unpack(reply[daemon_mod.REP.size:]) == {"pending": 0}
+        assert daemon_mod.REP.unpack(conn.recv(4096)) == (daemon_mod.MAGIC, errno.E2BIG)
+    finally:
+        conn.close()
+    with EngineTransport(path) as tr:
+        tr.destroy_interface(name)

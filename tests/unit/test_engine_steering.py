@@ -1,8 +1,15 @@
-"""The reuseport steering program: its logic, and the real kernel running it on loopback."""
+"""The reuseport steering program: its logic, and the real kernel running it on loopback.
+
+The program is a compare tree over runs of consecutive peer ids
+(:class:`~bsd_ovpn.engine.steering.PeerIdSet`); the checks below pin the
+kernel filter's three conditions on dense, gappy and edge-of-range id sets,
+and on sets edited by adds and deletes (which split and merge runs).
+"""
 from __future__ import annotations
 
 import errno
 import socket
+import struct
 import time
 
 import pytest
@@ -10,9 +17,11 @@ from hypothesis import given, settings, strategies as st
 
 from bsd_ovpn.engine import steering
 from bsd_ovpn.engine.steering import (
-    BPF_MAXINSNS, CONTROL_INDEX, ENGINE_INDEX, MAX_TREE_PEERS, make_udp_socket,
+    BPF_MAXINSNS, CONTROL_INDEX, ENGINE_INDEX, MAX_TREE_RUNS, PeerIdSet, make_udp_socket,
     open_engine_socket, run_program, steering_program,
 )
+
+TOP = 0xFFFFFF
 
 
 def expected(payload: bytes, peers: set[int] | None) -> int:
@@ -41,16 +50,110 @@ def test_program_matches_the_kernel_rule(peers, packets):
             assert run_program(prog, payload) == expected(payload, peers)
 
 
-def test_large_trees_fit_and_fall_back_to_opcode_only():
-    prog = steering_program(range(0, 3 * MAX_TREE_PEERS, 3))
+def probes(peers) -> list[int]:
+    """Every id next to a run edge, plus the ends of the 24-bit range."""
+    out = {0, 1, TOP - 1, TOP}
+    for p in peers:
+        out.update((p - 1, p, p + 1))
+    return sorted(x for x in out if 0 <= x <= TOP)
+
+
+def check(prog, peers) -> None:
+    for pid in probes(peers):
+        for op in (9, 8, 1):
+            payload = data(op, pid)
+            assert run_program(prog, payload) == expected(payload, set(peers)), (op, pid)
+        assert run_program(prog, data(9, pid, 7)) == CONTROL_INDEX      # < 8 bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(),
+                          st.one_of(st.integers(0, 40), st.integers(TOP - 40, TOP),
+                                    st.integers(0, TOP))),
+                max_size=80))
+def test_incremental_set_and_program_follow_adds_and_deletes(ops):
+    """Runs are merged/split on every add/delete; the program matches after each step."""
+    ids = PeerIdSet()
+    model: set[int] = set()
+    for add, pid in ops:
+        if add:
+            assert ids.add(pid) == (pid not in model)
+            model.add(pid)
+        else:
+            assert ids.discard(pid) == (pid in model)
+            model.discard(pid)
+        assert list(ids) == sorted(model) and len(ids) == len(model)
+        runs = ids.runs()
+        assert all(lo <= hi for lo, hi in runs)
+        assert all(a[1] + 1 < b[0] for a, b in zip(runs, runs[1:]))    # disjoint, not adjacent
+        check(steering_program(ids), model)
+
+
+def test_dense_ids_are_one_run_and_a_small_program():
+    """1000 peers allocated from 0 (what servers do): one run, a dozen instructions."""
+    ids = PeerIdSet(range(1000))
+    assert ids.runs() == [(0, 999)]
+    prog = steering_program(ids)
+    assert len(prog) <= 13
+    check(prog, range(1000))
+
+
+@pytest.mark.parametrize("peers", [
+    [0], [TOP], [0, TOP], [TOP - 1, TOP], [0, 1], range(0, 10), range(TOP - 9, TOP + 1),
+    [*range(0, 5), *range(7, 12), TOP], [*range(3, 9), *range(20, 30), 50, *range(52, 60)],
+])
+def test_interval_edges(peers):
+    check(steering_program(PeerIdSet(peers)), list(peers))
+    check(steering_program(list(peers)), list(peers))       # plain iterables work too
+
+
+def test_delete_splits_and_add_merges_a_run():
+    ids = PeerIdSet(range(100))
+    ids.discard(50)
+    assert ids.runs() == [(0, 49), (51, 99)]
+    check(steering_program(ids), [*range(50), *range(51, 100)])
+    ids.discard(0)
+    ids.discard(99)
+    assert ids.runs() == [(1, 49), (51, 98)]
+    ids.add(50)
+    assert ids.runs() == [(1, 98)]
+    ids.add(0)
+    ids.add(99)
+    assert ids.runs() == [(0, 99)] and len(ids) == 100
+    assert not ids.add(5) and not ids.discard(500)
+    assert 5 in ids and 100 not in ids and "5" not in ids
+
+
+def test_many_runs_fit_and_fall_back_to_opcode_only():
+    most = range(0, 3 * MAX_TREE_RUNS, 3)          # every id its own run
+    prog = steering_program(most)
     assert len(prog) <= BPF_MAXINSNS
-    for pid in (0, 3, 2997, 2998, 1):
-        assert run_program(prog, data(9, pid)) == (ENGINE_INDEX if pid % 3 == 0 else CONTROL_INDEX)
-    over = steering_program(range(MAX_TREE_PEERS + 1))
+    for pid in (0, 3, 3 * MAX_TREE_RUNS - 3, 3 * MAX_TREE_RUNS, 1, 2):
+        want = ENGINE_INDEX if pid % 3 == 0 and pid < 3 * MAX_TREE_RUNS else CONTROL_INDEX
+        assert run_program(prog, data(9, pid)) == want
+    wide = PeerIdSet()                              # the worst case: runs of 2, inside the range
+    for r in range(MAX_TREE_RUNS):
+        wide.add(3 * r + 1)
+        wide.add(3 * r + 2)
+    prog = steering_program(wide)
+    assert len(prog) <= BPF_MAXINSNS
+    check(prog, list(wide))
+    over = steering_program(range(0, 2 * MAX_TREE_RUNS + 2, 2))
     assert run_program(over, data(9, 0xABCDEF)) == ENGINE_INDEX      # opcode only
     assert run_program(over, data(7, 1)) == CONTROL_INDEX
+    assert steering_program(None) == over
+    assert run_program(steering_program([]), data(9, 0)) == CONTROL_INDEX
     with pytest.raises(ValueError):
         steering_program([1 << 24])
+    with pytest.raises(ValueError):
+        PeerIdSet().add(-1)
+
+
+def test_packed_program_is_the_kernels_struct():
+    prog = steering_program(PeerIdSet([5, *range(7, 20)]))
+    raw = steering.pack_program(prog)
+    assert len(raw) == 8 * len(prog)
+    assert [struct.unpack_from("=HBBI", raw, 8 * i) for i in range(len(prog))] == prog
 
 
 @pytest.mark.parametrize("family,addr", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
@@ -64,9 +167,15 @@ def test_kernel_steers_exactly(family, addr):
         pytest.skip(f"no {family!r} loopback here: {exc}")
     tx = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        steering.attach_program(eng, steering_program([7, 9, 1000]))
+        ids = PeerIdSet([7, 9, 1000, *range(0, 5), *range(20, 40), 0xFFFFFF])
+        ids.discard(30)                   # splits 20..39
+        steering.attach_program(eng, steering_program(ids))
         cases = [(data(9, 7), 1), (data(9, 8), 0), (data(9, 9), 1), (data(9, 1000), 1),
-                 (data(7, 7), 0), (data(6, 9), 0), (data(9, 7, 7), 0), (b"", 0), (b"H", 0)]
+                 (data(7, 7), 0), (data(6, 9), 0), (data(9, 7, 7), 0), (b"", 0), (b"H", 0),
+                 (data(9, 0), 1), (data(9, 4), 1), (data(9, 5), 0), (data(9, 19), 0),
+                 (data(9, 20), 1), (data(9, 29), 1), (data(9, 30), 0), (data(9, 31), 1),
+                 (data(9, 39), 1), (data(9, 40), 0), (data(9, 0xFFFFFE), 0),
+                 (data(9, 0xFFFFFF), 1), (data(8, 0xFFFFFF), 0)]
         want: dict[int, list[bytes]] = {0: [], 1: []}
         got: dict[int, list[bytes]] = {0: [], 1: []}
         ctl.setblocking(False)
