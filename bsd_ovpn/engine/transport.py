@@ -17,13 +17,15 @@ from bsd_ovpn.binding import command_name, encode_ifname, errno_error
 from bsd_ovpn.engine.daemon import (
     MAGIC, OP_CREATE, OP_DESTROY, OP_GET, OP_LIST, OP_RENAME, OP_SET, REP, REQ, SOCK_BUF,
 )
-from bsd_ovpn.errors import OvpnError
+from bsd_ovpn.errors import IfOvpnError, OvpnError
 from bsd_ovpn.ifovpn import Command
 from bsd_ovpn.transport import check_create_name
 from bsd_ovpn.paths import ENGINE_SOCKET
 
 DEFAULT_SOCKET = ENGINE_SOCKET
 _MAX_REPLY = 64 << 20
+_SET_REPLY = 4096        # more than a SET reply's header: nothing is cut
+_PIPELINE = 16           # requests in flight in one request_many round
 
 
 class EngineNotRunning(OvpnError, ConnectionError):
@@ -64,13 +66,66 @@ class EngineTransport:
         with self._lock:
             try:
                 self._sock.sendmsg([msg], anc)
-                # learn the reply's size first (MSG_TRUNC gives the real length on
-                # Linux) so a large GET_PEER_STATS needs no huge fixed buffer
-                size = self._sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
-                reply = self._sock.recv(min(max(size, 1), _MAX_REPLY))
+                if op == OP_SET:
+                    # a SET's reply is the bare header (errno): one read
+                    reply = self._sock.recv(_SET_REPLY)
+                else:
+                    # learn the reply's size first (MSG_TRUNC gives the real length on
+                    # Linux) so a large GET_PEER_STATS needs no huge fixed buffer
+                    size = self._sock.recv_into(bytearray(1), 1,
+                                                socket.MSG_PEEK | socket.MSG_TRUNC)
+                    reply = self._sock.recv(min(max(size, 1), _MAX_REPLY))
             except OSError as exc:
                 raise EngineNotRunning(f"userspace engine at {self.path} went away: "
                                        f"{exc.strerror}") from exc
+        err = self._check_reply(reply)
+        if err:
+            raise errno_error(err, what or command_name(command), None, ifname or None)
+        return reply[REP.size:]
+
+    def request_many(self, ifname: str,
+                     requests: list[tuple[Command, bytes | None, int | None]]
+                     ) -> list[IfOvpnError | None]:
+        """Several SETs in one round trip: all sent, then all replies read.
+
+        The engine serves one connection's messages in order, so reply i is
+        request i's.  Returns each request's error (None when it succeeded).
+        At most :data:`_PIPELINE` requests are in flight (longer lists go in
+        chunks), so the replies always fit the socket buffer.
+        """
+        if self._sock is None:
+            raise ValueError("EngineTransport is closed")
+        if len(requests) > _PIPELINE:
+            return [e for i in range(0, len(requests), _PIPELINE)
+                    for e in self.request_many(ifname, requests[i:i + _PIPELINE])]
+        name = encode_ifname(ifname)
+        msgs = []
+        for command, data, fd in requests:
+            anc = []
+            if fd is not None:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                        array.array("i", [int(fd)]).tobytes())]
+            msgs.append(([REQ.pack(MAGIC, OP_SET, name, b"", int(command), 0) + (data or b"")],
+                         anc))
+        replies = []
+        with self._lock:
+            try:
+                for bufs, anc in msgs:
+                    self._sock.sendmsg(bufs, anc)
+                for _ in msgs:
+                    replies.append(self._sock.recv(_SET_REPLY))
+            except OSError as exc:
+                raise EngineNotRunning(f"userspace engine at {self.path} went away: "
+                                       f"{exc.strerror}") from exc
+        out: list[IfOvpnError | None] = []
+        for (command, _data, _fd), reply in zip(requests, replies):
+            err = self._check_reply(reply)
+            out.append(errno_error(err, command_name(command), None, ifname or None)
+                       if err else None)
+        return out
+
+    def _check_reply(self, reply: bytes) -> int:
+        """The errno of a well-formed reply; a broken one means the engine is gone."""
         if not reply:
             raise EngineNotRunning(f"userspace engine at {self.path} closed the connection")
         if len(reply) < REP.size:
@@ -78,9 +133,7 @@ class EngineTransport:
         magic, err = REP.unpack_from(reply)
         if magic != MAGIC:
             raise EngineNotRunning(f"the socket {self.path} is not a bsd_ovpn engine")
-        if err:
-            raise errno_error(err, what or command_name(command), None, ifname or None)
-        return reply[REP.size:]
+        return err
 
     def request(self, ifname: str, command: Command, data: bytes | None, *,
                 fd: int | None = None) -> None:

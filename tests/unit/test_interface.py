@@ -602,3 +602,19 @@ def test_real_kernel_round_trip():
         assert len(events) == 1 and events[0].peer_id == 7
         assert events[0].reason in (DelReason.REQUESTED, None)
         assert ifc.name in ifc.transport.list_interfaces()
+
+
+def test_pipelined_without_request_many_runs_each_request_in_order() -> None:
+    """The kernel transport has no request_many: held requests are plain ioctls,
+    all of them sent, the first failure raised afterwards under its own name."""
+    tr = RecordingTransport(["ovpn0"])
+    assert not hasattr(tr, "request_many")
+    tr.fail(Command.OVPN_SET_PEER, errno.ENOENT)
+    ifc = Interface("ovpn0", tr)
+    with pytest.raises(IfOvpnError) as info:
+        with ifc.pipelined():
+            ifc.set_peer(4, 10, 60)
+            ifc.start_vpn()
+            assert tr.requests == []              # nothing left before the block ended
+    assert info.value.errno == errno.ENOENT and "OVPN_SET_PEER" in str(info.value)
+    assert [r[1] for r in tr.requests] == [Command.OVPN_SET_PEER, Command.OVPN_START_VPN]

@@ -224,3 +224,59 @@ def test_destroy_deletes_peers_and_flushes(engine):
         Interface.open("ovpn0", transport=tr)
     assert tr.list_interfaces() == ["ovpn1"]
     b.destroy()
+
+
+def test_pipelined_requests_run_in_order_and_name_the_failing_command(engine):
+    tr, _host = engine
+    a = Interface.create(transport=tr)
+    s = udp()
+    key = KeyMaterial(bytes(32), bytes(8))
+    with a.pipelined():                       # one round trip for the whole new-client dance
+        a.new_peer(3, s, ("127.0.0.1", 1194))
+        a.set_peer(3, 10, 60)
+        a.new_key(3, KeySlot.PRIMARY, 0, "AES-256-GCM", encrypt=key, decrypt=key)
+        a.start_vpn()
+        assert sorted(a.peer_stats()) == [3]      # a query sends what is held first
+    assert sorted(a.peer_stats()) == [3]
+    # NEW_PEER of an existing id fails; the requests after it still run (SET_PEER on
+    # peer 4 is refused: it was never added) and the FIRST failure is raised, by name
+    with pytest.raises(IfOvpnExists, match="peer id 3 already exists"):
+        with a.pipelined():
+            a.new_peer(3, s, ("127.0.0.1", 1194))
+            a.del_peer(3)
+    assert sorted(a.peer_stats()) == []      # the DEL_PEER after the failure ran
+    with pytest.raises(IfOvpnNotFound):
+        with a.pipelined():
+            a.set_peer(9, 10, 60)
+    # an error inside the block: what was held is still sent, the error is the caller's
+    with pytest.raises(RuntimeError, match="boom"):
+        with a.pipelined():
+            a.new_peer(7, s, ("127.0.0.1", 1194))
+            raise RuntimeError("boom")
+    assert sorted(a.peer_stats()) == [7]
+    with pytest.raises(ValidationError, match="do not nest"):
+        with a.pipelined():
+            with a.pipelined():
+                pass
+    s.close()
+    a.destroy()
+
+
+def test_request_many_in_chunks_keeps_reply_order(engine):
+    tr, _host = engine
+    a = Interface.create(transport=tr)
+    s = udp()
+    a.new_peer(1, s, ("127.0.0.1", 1194))
+    # 40 requests: more than one chunk in flight; every other one must fail
+    from bsd_ovpn import nv
+    from bsd_ovpn.ifovpn import Command
+    reqs = []
+    for i in range(40):
+        pid = 1 if i % 2 == 0 else 100 + i
+        reqs.append((Command.OVPN_SET_PEER,
+                     nv.pack({"peerid": pid, "interval": 10, "timeout": 60}), None))
+    errors = tr.request_many(a.name, reqs)
+    assert [e is None for e in errors] == [i % 2 == 0 for i in range(40)]
+    assert all(e.errno == E.ENOENT for e in errors if e is not None)
+    s.close()
+    a.destroy()
