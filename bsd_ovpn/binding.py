@@ -339,6 +339,23 @@ def close_fd(fd: int) -> None:
     os.close(fd)
 
 
+# --------------------------------------------------------------------------
+# Heap housekeeping (cdefs/memory.c)
+# --------------------------------------------------------------------------
+
+def release_free_heap() -> bool | None:
+    """Return the heap's free pages to the kernel (glibc malloc_trim).
+
+    True if memory was released, False if there was none, None where the C
+    library has no such call or the native module is not built (nothing to
+    do then: it is an optimisation, never a requirement).
+    """
+    if _native is None:
+        return None
+    rc = _native.lib.bsd_ovpn_release_free_heap()
+    return None if rc < 0 else bool(rc)
+
+
 # ==========================================================================
 # Engine fast path (cdefs/fastpath.h / fastpath.c).  Everything for it goes
 # below this banner, using native() for ffi/lib; nothing above depends on it.

@@ -18,6 +18,7 @@ drive it with a RecordingTransport and an in-memory client;
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -37,7 +38,9 @@ from bsd_ovpn.proto.keymethod import IVProto
 from bsd_ovpn.proto.server import ClientEvent, ServerEndpoint, ServerSettings
 from bsd_ovpn.proto.session import RESTART_LINGER, Session, SessionSettings
 from bsd_ovpn.settings import tls_config_from
+from bsd_ovpn.binding import release_free_heap
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
+from bsd_ovpn.daemon.heap import HeapTrimmer
 from bsd_ovpn.daemon.loop import IfOvpnPeers, DaemonError, log
 from bsd_ovpn.daemon.netcfg import NetConfig
 from bsd_ovpn.daemon.poolpersist import PoolPersistence
@@ -168,9 +171,10 @@ class AddressPool:
 
 # --------------------------------------------------------------------------- per client
 
-@dataclass
+@dataclass(slots=True)
 class ClientRecord:
-    """What the daemon knows about one client beyond its session."""
+    """What the daemon knows about one client beyond its session (slots: a server
+    keeps thousands)."""
 
     peer_id: int
     addr: Addr
@@ -186,6 +190,13 @@ class ClientRecord:
     key_id: int | None = None
     cipher: str | None = None
     pushed: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=8192)
+def _ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str | None:
+    """str() of a pool address, remembered: the status file lists every client every
+    second, and IPv6Address.__str__ is slow enough to show in a 1000-client profile."""
+    return str(ip) if ip else None
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -219,8 +230,12 @@ class ServerDaemon:
         self.dc = IfOvpnPeers(ifc, sock)
         self.pool = AddressPool(cfg)
         pp = cfg.ifconfig_pool_persist
+        self.heap = HeapTrimmer(release_free_heap)
         self.persist = PoolPersistence(pp.path if pp else None, pp.seconds if pp else 0)
         self.records: dict[int, ClientRecord] = {}
+        # connected clients by common name (duplicate-cn checks without a walk)
+        self._connected_by_cn: dict[str, set[int]] = {}
+        self._indexed_cn: dict[int, str] = {}
         self.started = wall()
         self.stopping = False
         self.endpoint = ServerEndpoint(self._server_settings(cfg),
@@ -299,7 +314,8 @@ class ServerDaemon:
         self.pump(now)
 
     def deadline(self) -> float | None:
-        return self.endpoint.get_timer()
+        times = [t for t in (self.endpoint.get_timer(), self.heap.deadline()) if t is not None]
+        return min(times) if times else None
 
     def wake(self, now: float) -> None:
         """After every wake-up: due timers, then whatever the kernel queued."""
@@ -309,6 +325,7 @@ class ServerDaemon:
         self.handle_notifications(now)
         self.pump(now)
         self.persist.tick(now)
+        self.heap.tick(now)
 
     def pump(self, now: float) -> None:
         """Events first (so the kernel knows a peer before its PUSH_REPLY leaves), then datagrams."""
@@ -338,6 +355,8 @@ class ServerDaemon:
         if rec is None:
             if not isinstance(e, (ev.HandshakeComplete, ev.PeerAuthenticated, ev.AuthRequest,
                                   ev.KeysReady)):
+                if isinstance(e, ev.ConnectionTerminated):
+                    self.heap.note()
                 if isinstance(e, ev.ConnectionTerminated) and e.reason in _HANDSHAKE_FAILURES:
                     # refused before it became a client (wrong CA, revoked, EKU...):
                     # the admin's only clue, as OpenVPN's "TLS Error" lines
@@ -349,25 +368,30 @@ class ServerDaemon:
         rec.addr = ce.addr
         if isinstance(e, ev.HandshakeComplete):
             rec.common_name = e.peer_common_name
+            self._index_cn(rec)
         elif isinstance(e, ev.PeerAuthenticated):
             rec.username = e.username or rec.username
             rec.common_name = self._effective_cn(e.peer_common_name, rec.username)
+            self._index_cn(rec)
             if e.key_id == 0:
                 self._enforce_unique_cn(rec, now)
         elif isinstance(e, ev.AuthRequest):
             self._start_auth_script(rec, e)
         elif isinstance(e, ev.KeysReady):
             new = pid not in self.dc.peers
-            if new:
-                self._add_peer(rec)
-            self.dc.apply(pid, e)
+            with self.ifc.pipelined():          # one engine round trip, not four
+                if new:
+                    self._add_peer(rec)
+                self.dc.apply(pid, e)
             if new:
                 self._add_iroutes(rec)          # step 5: the link is up now
             rec.last_handshake = self.wall()
             rec.cipher = e.keys.cipher
+            self.heap.note()                    # its TLS handshake is over
             if rec.key_id is None:
                 rec.key_id = e.key_id
                 rec.connected_since = self.wall()
+                self._index_cn(rec)
                 log.info("peer %d %s (%s) connected: %s, vpn %s", pid, rec.common_name,
                          format_addr(rec.addr), e.keys.cipher, rec.vpn_ipv4)
         elif isinstance(e, ev.SwapKeys):
@@ -383,6 +407,7 @@ class ServerDaemon:
             log.info("peer %d %s: authentication failed: %s", pid, rec.common_name, e.reason)
         elif isinstance(e, ev.ConnectionTerminated):
             self._remove_client(rec, f"{e.reason}: {e.message}")
+            self.heap.note()
 
     def _add_peer(self, rec: ClientRecord) -> None:
         """NEW_PEER + SET_PEER (dco spec §4.2 steps 2-3)."""
@@ -425,6 +450,7 @@ class ServerDaemon:
         except OvpnError as exc:
             log.warning("peer %d: DEL_PEER: %s", rec.peer_id, exc)
         self.pool.release(rec.peer_id)
+        self._unindex_cn(rec.peer_id)
         self.records.pop(rec.peer_id, None)
 
     def _fail_client(self, peer_id: int, why: str, now: float) -> None:
@@ -539,6 +565,7 @@ class ServerDaemon:
         if self.cfg.username_as_common_name and session.username \
                 and rec.common_name != session.username:
             rec.common_name, rec.ccd = session.username, None
+            self._index_cn(rec)
         self._allocate(rec)
         ccd = self._ccd(rec)
         opts = [] if ccd is not None and ccd.push_reset else list(self.cfg.push)
@@ -627,17 +654,39 @@ class ServerDaemon:
 
     def _replace_same_cn(self, cn: str | None, keep: ClientRecord | None = None) -> None:
         """Without duplicate-cn a common name has one session: a reconnecting client
-        replaces its old one at once (so it gets its old address back)."""
+        replaces its old one at once (so it gets its old address back).
+
+        Called for every new client, so it looks the name up in an index of the
+        connected clients instead of walking them all."""
         if self.cfg.duplicate_cn or not cn:
             return
         now = self.clock()
-        for other in list(self.records.values()):
+        for pid in sorted(self._connected_by_cn.get(cn, ())):
+            other = self.records.get(pid)
+            if other is None:
+                continue
             if other is not keep and other.common_name == cn and other.connected_since is not None:
                 log.info("peer %d: common name %s connected again; dropping the old session",
                          other.peer_id, cn)
                 self.kill_peer(other.peer_id, now)
                 if other.peer_id in self.records:
                     self._remove_client(other, "replaced by a new connection")
+
+    def _index_cn(self, rec: ClientRecord) -> None:
+        """(Re)file a connected client under its current common name."""
+        self._unindex_cn(rec.peer_id)
+        if rec.connected_since is not None and rec.common_name:
+            self._connected_by_cn.setdefault(rec.common_name, set()).add(rec.peer_id)
+            self._indexed_cn[rec.peer_id] = rec.common_name
+
+    def _unindex_cn(self, peer_id: int) -> None:
+        cn = self._indexed_cn.pop(peer_id, None)
+        if cn is not None:
+            ids = self._connected_by_cn.get(cn)
+            if ids is not None:
+                ids.discard(peer_id)
+                if not ids:
+                    del self._connected_by_cn[cn]
 
     def _enforce_unique_cn(self, rec: ClientRecord, now: float) -> None:
         self._replace_same_cn(rec.common_name, keep=rec)
@@ -672,8 +721,7 @@ class ServerDaemon:
             clients.append(ClientStatus(
                 peer_id=rec.peer_id, common_name=rec.common_name, username=rec.username,
                 real_address=format_addr(rec.addr),
-                vpn_ipv4=str(rec.vpn_ipv4) if rec.vpn_ipv4 else None,
-                vpn_ipv6=str(rec.vpn_ipv6) if rec.vpn_ipv6 else None,
+                vpn_ipv4=_ip_text(rec.vpn_ipv4), vpn_ipv6=_ip_text(rec.vpn_ipv6),
                 cipher=rec.cipher, key_id=rec.key_id, connected_since=rec.connected_since,
                 last_handshake=rec.last_handshake,
                 bytes_in=st.bytes_in if st else 0, bytes_out=st.bytes_out if st else 0,
@@ -751,6 +799,8 @@ class ServerDaemon:
                     log.warning("removing iroute %s: %s", net, exc)
             rec.iroutes.clear()
         self.records.clear()
+        self._connected_by_cn.clear()
+        self._indexed_cn.clear()
         self.netcfg.undo_all()
         try:
             self.ifc.close()
@@ -951,9 +1001,10 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
         def on_udp() -> None:
             from bsd_ovpn.daemon.loop import read_datagrams_from
             now = loop.clock()
-            # the whole batch, then one pump: O(1) work per datagram at any client count
+            # the whole batch, then one pump: O(1) work per datagram at any client count;
+            # notifications are read by on_wake, which runs after every wake-up (the
+            # kernel's EAGAIN wake-up that announces one included)
             daemon.datagrams_received(read_datagrams_from(sock, pktinfo=multihome), now)
-            daemon.handle_notifications(now)      # every wake-up, EAGAIN included
 
         loop.add_reader(sock, on_udp)
         if cfg.writepid:

@@ -8,6 +8,7 @@ working after ``openvpn`` becomes ``ovpnctl server``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -24,7 +25,14 @@ def _iso(t: float | None) -> str | None:
 
 def _ctime(t: float | None) -> str:
     """OpenVPN status files print local time in ctime() style."""
-    return time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(t or 0))
+    return _ctime_second(int(t or 0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ctime_second(t: int) -> str:
+    # the status file prints two times per client every interval, mostly the same
+    # few thousand seconds (connect bursts): strftime+localtime showed in profiles
+    return time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(t))
 
 
 def render_json(st: DaemonStatus) -> str:
