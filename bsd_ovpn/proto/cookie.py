@@ -9,13 +9,14 @@ resets from costing memory.  The HMAC input layout is private to the server
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import os
+import socket
 import struct
 
 from bsd_ovpn.errors import LocalProtocolError
+from bsd_ovpn.proto.fastcrypto import hmac_digest
 
 __all__ = ["CookieJar", "COOKIE_SIZE"]
 
@@ -28,16 +29,48 @@ def _addr_bytes(addr: object) -> bytes:
     if not isinstance(addr, tuple) or len(addr) < 2:
         raise LocalProtocolError(f"address must be a (host, port, ...) tuple, not {addr!r}")
     host, port = addr[0], addr[1]
+    packed = _host_bytes(host) if isinstance(host, str) else _ip_bytes(host)
+    if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+        raise LocalProtocolError(f"address port {port!r} is not 0..65535")
+    scope = addr[3] if len(addr) >= 4 and isinstance(addr[3], int) else 0
+    return packed + struct.pack(">HI", port, scope & 0xFFFFFFFF)
+
+
+def _ip_bytes(host: object) -> bytes:
+    """``version || packed address`` of a host; IPv4-mapped IPv6 counts as IPv4."""
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0] if isinstance(host, str) else host)
     except ValueError:
         raise LocalProtocolError(f"address host {host!r} is not an IP address") from None
-    if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
-        raise LocalProtocolError(f"address port {port!r} is not 0..65535")
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped                    # same peer whichever socket family saw it
-    scope = addr[3] if len(addr) >= 4 and isinstance(addr[3], int) else 0
-    return bytes((ip.version,)) + ip.packed + struct.pack(">HI", port, scope & 0xFFFFFFFF)
+    return bytes((ip.version,)) + ip.packed
+
+
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+def _host_bytes(host: str) -> bytes:
+    """:func:`_ip_bytes` of a host string, via inet_pton when that is unambiguous.
+
+    ipaddress parsing costs more than the cookie HMAC itself; a string that
+    inet_pton accepts and that is already in inet_ntop's canonical form is one
+    ipaddress accepts with the same value, so only other spellings (and
+    ``%scope`` suffixes) take the long way.  No cache: spoofed sources must
+    not grow any state.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        packed = socket.inet_pton(family, host)
+    except (OSError, ValueError):              # not an address / embedded NUL
+        return _ip_bytes(host)
+    if socket.inet_ntop(family, packed) != host:
+        return _ip_bytes(host)
+    if family == socket.AF_INET:
+        return b"\x04" + packed
+    if packed[:12] == _MAPPED_PREFIX:
+        return b"\x04" + packed[12:]
+    return b"\x06" + packed
 
 
 class CookieJar:
@@ -59,8 +92,8 @@ class CookieJar:
         return int(now) // self.slot_seconds
 
     def _cookie(self, slot: int, addr_bytes: bytes, client_sid: bytes) -> bytes:
-        mac = hmac.new(self._secret, struct.pack(">I", slot & 0xFFFFFFFF) + addr_bytes
-                       + bytes(client_sid), hashlib.sha256).digest()[:COOKIE_SIZE]
+        mac = hmac_digest(self._secret, struct.pack(">I", slot & 0xFFFFFFFF) + addr_bytes
+                          + bytes(client_sid))[:COOKIE_SIZE]
         # a session id must be non-zero; remap the (2^-64) all-zero case deterministically
         return mac if any(mac) else b"\x00" * (COOKIE_SIZE - 1) + b"\x01"
 

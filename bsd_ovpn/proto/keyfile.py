@@ -20,9 +20,8 @@ import struct
 import time
 from typing import Union
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from bsd_ovpn.errors import ConfigError, RemoteProtocolError
+from bsd_ovpn.proto.fastcrypto import CtrKey, hmac_digest
 
 __all__ = [
     "KeyFileError", "WKcError", "StaticKey", "TLSCryptV2ServerKey", "TLSCryptV2ClientKey",
@@ -133,11 +132,6 @@ def _pem_decode(text: str, name: str, source: str | None) -> bytes:
         raise KeyFileError(f"bad base64 in {name}: {exc}", source) from None
 
 
-def _aes_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
-    enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
-    return enc.update(data) + enc.finalize()
-
-
 class StaticKey:
     """A 256-byte key2: ``keys[0].cipher, keys[0].hmac, keys[1].cipher, keys[1].hmac``."""
 
@@ -183,7 +177,8 @@ class StaticKey:
         other = bytes(other)
         if len(other) != KEY2_SIZE:
             raise KeyFileError(f"XOR operand must be {KEY2_SIZE} bytes, got {len(other)}")
-        return StaticKey(bytes(a ^ b for a, b in zip(self._data, other)))
+        mixed = int.from_bytes(self._data, "big") ^ int.from_bytes(other, "big")
+        return StaticKey(mixed.to_bytes(KEY2_SIZE, "big"))
 
     @classmethod
     def generate(cls) -> StaticKey:
@@ -406,8 +401,8 @@ def wrap_client_key(server_key: TLSCryptV2ServerKey, kc: StaticKey, metadata: by
                            f"included), got {len(metadata)}")
     plain = kc.data + metadata
     net_len = struct.pack(">H", TAG_SIZE + len(plain) + 2)
-    tag = hmac.new(server_key.hmac_key, net_len + plain, hashlib.sha256).digest()
-    return tag + _aes_ctr(server_key.cipher_key, tag[:16], plain) + net_len
+    tag = hmac_digest(server_key.hmac_key, net_len + plain)
+    return tag + CtrKey(server_key.cipher_key).apply(tag[:16], plain) + net_len
 
 
 def unwrap_client_key(server_key: TLSCryptV2ServerKey, wkc: bytes) -> tuple[StaticKey, bytes]:
@@ -415,8 +410,8 @@ def unwrap_client_key(server_key: TLSCryptV2ServerKey, wkc: bytes) -> tuple[Stat
     wkc = bytes(wkc)
     _check_wkc_shape(wkc, WKcError)
     tag, body, net_len = wkc[:TAG_SIZE], wkc[TAG_SIZE:-2], wkc[-2:]
-    plain = _aes_ctr(server_key.cipher_key, tag[:16], body)
-    check = hmac.new(server_key.hmac_key, net_len + plain, hashlib.sha256).digest()
+    plain = CtrKey(server_key.cipher_key).apply(tag[:16], body)
+    check = hmac_digest(server_key.hmac_key, net_len + plain)
     if not hmac.compare_digest(tag, check):
         raise WKcError("wrapped client key does not authenticate "
                        "(made for a different tls-crypt-v2 server key, or tampered)")

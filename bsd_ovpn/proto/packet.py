@@ -63,6 +63,12 @@ DATA_OPCODES = frozenset({Opcode.P_DATA_V1, Opcode.P_DATA_V2})
 
 _U32_MAX = 0xFFFFFFFF
 _NULL_SID = bytes(SID_SIZE)
+#: opcode value -> member, the same lookup ``Opcode(value)`` does minus the Enum call cost
+_OPCODE_BY_VALUE: dict[int, Opcode] = {int(op): op for op in Opcode}
+_new = object.__new__
+_HEAD = struct.Struct(f">B{SID_SIZE}sB")          # header byte, session id, ACK count
+_U32 = struct.Struct(">I")
+_ACK_STRUCTS = [struct.Struct(f">{n}I") for n in range(MAX_ACKS + 1)]
 
 
 class PacketError(RemoteProtocolError):
@@ -105,7 +111,7 @@ def _check_sid(value: object, what: str, *, nonzero: bool) -> None:
         raise PacketBuildError(f"{what} must not be all zeros")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ControlPacket:
     """One control packet in the plain layout (spec §3.2).
 
@@ -123,49 +129,88 @@ class ControlPacket:
     message_id: int | None = None
     payload: bytes = b""
 
-    def __post_init__(self) -> None:
+    def __init__(self, opcode: Opcode | int, key_id: int, session_id: bytes,
+                 acks: tuple[int, ...] = (), remote_session_id: bytes | None = None,
+                 message_id: int | None = None, payload: bytes = b"") -> None:
         # Constructing checks everything so that encode() can never emit a
         # packet a stock peer drops; decode() maps these to PacketError.
+        # (Hot path: one call per packet sent, so a hand-written __init__ that
+        # validates the arguments and stores each field once, table lookups, no
+        # Enum calls.)
+        raw_op = opcode
         try:
-            op = Opcode(self.opcode)
-        except ValueError:
-            raise PacketBuildError(f"unknown opcode {self.opcode!r}") from None
+            op = _OPCODE_BY_VALUE.get(raw_op)
+        except TypeError:                      # unhashable: not an opcode either
+            op = None
+        if op is None:
+            raise PacketBuildError(f"unknown opcode {raw_op!r}")
         if op not in CONTROL_OPCODES:
             raise PacketBuildError(f"{op.name} is not a control opcode a 2.6 peer accepts")
-        object.__setattr__(self, "opcode", op)
-        if not isinstance(self.key_id, int) or not 0 <= self.key_id <= KEY_ID_MASK:
-            raise PacketBuildError(f"key_id {self.key_id!r} outside 0..7")
-        if op in HARD_RESET_OPCODES and self.key_id != 0:
-            raise PacketBuildError(f"{op.name} must carry key_id 0, not {self.key_id}")
-        if op is Opcode.P_CONTROL_SOFT_RESET_V1 and self.key_id == 0:
+        _set = object.__setattr__
+        if key_id.__class__ is not int and not isinstance(key_id, int) \
+                or not 0 <= key_id <= KEY_ID_MASK:
+            raise PacketBuildError(f"key_id {key_id!r} outside 0..7")
+        if key_id and op in HARD_RESET_OPCODES:
+            raise PacketBuildError(f"{op.name} must carry key_id 0, not {key_id}")
+        if not key_id and op is Opcode.P_CONTROL_SOFT_RESET_V1:
             raise PacketBuildError("P_CONTROL_SOFT_RESET_V1 cannot use key_id 0 (ids wrap to 1)")
-        _check_sid(self.session_id, "session_id", nonzero=True)
-        object.__setattr__(self, "session_id", bytes(self.session_id))
-        acks = tuple(self.acks)
-        if len(acks) > MAX_ACKS:
-            raise PacketBuildError(f"{len(acks)} ACKs, at most {MAX_ACKS} fit a packet")
-        for a in acks:
-            if not isinstance(a, int) or not 0 <= a <= _U32_MAX:
-                raise PacketBuildError(f"ACK id {a!r} is not a u32")
-        object.__setattr__(self, "acks", acks)
+        sid = session_id
+        if sid.__class__ is not bytes:
+            _check_sid(sid, "session_id", nonzero=True)
+            sid = bytes(sid)
+        elif len(sid) != SID_SIZE or sid == _NULL_SID:
+            _check_sid(sid, "session_id", nonzero=True)
+        if acks.__class__ is not tuple:
+            acks = tuple(acks)
+        remote = remote_session_id
         if acks:
-            if self.remote_session_id is None:
+            if len(acks) > MAX_ACKS:
+                raise PacketBuildError(f"{len(acks)} ACKs, at most {MAX_ACKS} fit a packet")
+            for a in acks:
+                if a.__class__ is not int and not isinstance(a, int) or not 0 <= a <= _U32_MAX:
+                    raise PacketBuildError(f"ACK id {a!r} is not a u32")
+            if remote is None:
                 raise PacketBuildError("remote_session_id is required when acks are present")
-            _check_sid(self.remote_session_id, "remote_session_id", nonzero=False)
-            object.__setattr__(self, "remote_session_id", bytes(self.remote_session_id))
-        elif self.remote_session_id is not None:
+            if remote.__class__ is not bytes or len(remote) != SID_SIZE:
+                _check_sid(remote, "remote_session_id", nonzero=False)
+                remote = bytes(remote)
+        elif remote is not None:
             raise PacketBuildError("remote_session_id is only sent with a non-empty ACK array")
+        mid = message_id
         if op is Opcode.P_ACK_V1:
             if not acks:
                 raise PacketBuildError("P_ACK_V1 needs at least one ACK")
-            if self.message_id is not None or self.payload:
+            if mid is not None or payload:
                 raise PacketBuildError("P_ACK_V1 has no message_id and no payload")
-        else:
-            if not isinstance(self.message_id, int) or not 0 <= self.message_id <= _U32_MAX:
-                raise PacketBuildError(f"{op.name} needs a u32 message_id, got {self.message_id!r}")
-        if not isinstance(self.payload, (bytes, bytearray)):
-            raise PacketBuildError(f"payload must be bytes, got {type(self.payload).__name__}")
-        object.__setattr__(self, "payload", bytes(self.payload))
+        elif mid.__class__ is not int and not isinstance(mid, int) or not 0 <= mid <= _U32_MAX:
+            raise PacketBuildError(f"{op.name} needs a u32 message_id, got {mid!r}")
+        if payload.__class__ is not bytes:
+            if not isinstance(payload, (bytes, bytearray)):
+                raise PacketBuildError(f"payload must be bytes, got {type(payload).__name__}")
+            payload = bytes(payload)
+        _set(self, "opcode", op)
+        _set(self, "key_id", key_id)
+        _set(self, "session_id", sid)
+        _set(self, "acks", acks)
+        _set(self, "remote_session_id", remote)
+        _set(self, "message_id", mid)
+        _set(self, "payload", payload)
+
+    @classmethod
+    def _trusted(cls, opcode: Opcode, key_id: int, session_id: bytes, acks: tuple[int, ...],
+                 remote_session_id: bytes | None, message_id: int | None,
+                 payload: bytes) -> ControlPacket:
+        """A packet from fields :meth:`decode` has already checked (skips ``__post_init__``)."""
+        pkt = _new(cls)
+        _set = object.__setattr__
+        _set(pkt, "opcode", opcode)
+        _set(pkt, "key_id", key_id)
+        _set(pkt, "session_id", session_id)
+        _set(pkt, "acks", acks)
+        _set(pkt, "remote_session_id", remote_session_id)
+        _set(pkt, "message_id", message_id)
+        _set(pkt, "payload", payload)
+        return pkt
 
     @property
     def header_byte(self) -> int:
@@ -173,72 +218,100 @@ class ControlPacket:
 
     def encode(self) -> bytes:
         """The plain §3.2 layout; wrappings take this as their input."""
-        parts = [bytes((self.header_byte,)), self.session_id, bytes((len(self.acks),))]
-        if self.acks:
-            parts.append(struct.pack(f">{len(self.acks)}I", *self.acks))
+        acks = self.acks
+        out = _HEAD.pack((self.opcode << OPCODE_SHIFT) | self.key_id, self.session_id, len(acks))
+        if acks:
             assert self.remote_session_id is not None
-            parts.append(self.remote_session_id)
+            out += _ACK_STRUCTS[len(acks)].pack(*acks) + self.remote_session_id
         if self.message_id is not None:
-            parts.append(struct.pack(">I", self.message_id))
-            parts.append(self.payload)
-        return b"".join(parts)
+            out += _U32.pack(self.message_id) + self.payload
+        return out
 
     @classmethod
     def decode(cls, data: bytes) -> ControlPacket:
         """Parse and validate a plain-layout packet; any defect is a :class:`PacketError`."""
         data = bytes(data)
         n = len(data)
-        if n < 1 + SID_SIZE:
-            raise PacketError(f"{n} bytes is shorter than opcode + session id (9)", n)
-        raw_op, key_id = data[0] >> OPCODE_SHIFT, data[0] & KEY_ID_MASK
-        try:
-            op = Opcode(raw_op)
-        except ValueError:
-            raise PacketError(f"unknown opcode {raw_op}", 0) from None
-        if op in (Opcode.P_CONTROL_HARD_RESET_CLIENT_V1, Opcode.P_CONTROL_HARD_RESET_SERVER_V1):
-            raise PacketError(f"{op.name}: unsupported key-method 1", 0)
-        if op in DATA_OPCODES:
-            raise PacketError(f"{op.name} is a data packet, not a control packet", 0)
-        if op in HARD_RESET_OPCODES and key_id != 0:
-            raise PacketError(f"{op.name} with key_id {key_id} (must be 0)", 0)
-        if op is Opcode.P_CONTROL_SOFT_RESET_V1 and key_id == 0:
-            raise PacketError("P_CONTROL_SOFT_RESET_V1 with key_id 0", 0)
-        sid = data[1:9]
-        if sid == _NULL_SID:
-            raise PacketError("session id is all zeros", 1)
-        pos = 9
-        if pos >= n:
-            raise PacketError("truncated before ACK count", pos)
-        count = data[pos]
-        if count > MAX_ACKS:
-            raise PacketError(f"ACK count {count} exceeds {MAX_ACKS}", pos)
-        pos += 1
-        acks: tuple[int, ...] = ()
-        remote: bytes | None = None
-        if count:
-            need = 4 * count + SID_SIZE
-            if pos + need > n:
-                raise PacketError(f"truncated ACK array ({count} ids + remote session id)", pos)
-            acks = struct.unpack_from(f">{count}I", data, pos)
-            pos += 4 * count
-            remote = data[pos:pos + SID_SIZE]
-            pos += SID_SIZE
-        message_id: int | None = None
-        payload = b""
-        if op is Opcode.P_ACK_V1:
-            if not count:
-                raise PacketError("P_ACK_V1 without any ACK", 9)
-            if pos != n:
-                raise PacketError(f"{n - pos} trailing bytes after P_ACK_V1", pos)
-        else:
-            if pos + 4 > n:
-                raise PacketError("truncated before message packet-id", pos)
-            (message_id,) = struct.unpack_from(">I", data, pos)
-            payload = data[pos + 4:]
-        try:
-            return cls(op, key_id, sid, acks, remote, message_id, payload)
-        except PacketBuildError as exc:  # defensive: every rule above should have caught it
-            raise PacketError(str(exc)) from None
+        # fast path: a well-formed packet passes each rule with one test; anything
+        # else goes through _decode_error, which names the first rule it breaks
+        if n >= 1 + SID_SIZE + 1:
+            op = _CONTROL_BY_FIRST_BYTE[data[0]]
+            sid = data[1:9]
+            count = data[9]
+            if op is not None and sid != _NULL_SID and count <= MAX_ACKS:
+                pos = 10
+                acks: tuple[int, ...] = ()
+                remote: bytes | None = None
+                if count:
+                    end = pos + 4 * count
+                    if end + SID_SIZE <= n:
+                        acks = _ACK_STRUCTS[count].unpack_from(data, pos)
+                        remote = data[end:end + SID_SIZE]
+                    pos = end + SID_SIZE
+                if pos <= n:
+                    if op is Opcode.P_ACK_V1:
+                        if count and pos == n:
+                            return cls._trusted(op, data[0] & KEY_ID_MASK, sid, acks, remote,
+                                                None, b"")
+                    elif pos + 4 <= n:
+                        return cls._trusted(op, data[0] & KEY_ID_MASK, sid, acks, remote,
+                                            _U32.unpack_from(data, pos)[0], data[pos + 4:])
+        raise _decode_error(data)
+
+def _decode_error(data: bytes) -> PacketError:
+    """The :class:`PacketError` for a packet the fast path of ``decode`` refused."""
+    n = len(data)
+    if n < 1 + SID_SIZE:
+        return PacketError(f"{n} bytes is shorter than opcode + session id (9)", n)
+    raw_op, key_id = data[0] >> OPCODE_SHIFT, data[0] & KEY_ID_MASK
+    op = _OPCODE_BY_VALUE.get(raw_op)
+    if op is None:
+        return PacketError(f"unknown opcode {raw_op}", 0)
+    if op in (Opcode.P_CONTROL_HARD_RESET_CLIENT_V1, Opcode.P_CONTROL_HARD_RESET_SERVER_V1):
+        return PacketError(f"{op.name}: unsupported key-method 1", 0)
+    if op in DATA_OPCODES:
+        return PacketError(f"{op.name} is a data packet, not a control packet", 0)
+    if op in HARD_RESET_OPCODES and key_id != 0:
+        return PacketError(f"{op.name} with key_id {key_id} (must be 0)", 0)
+    if op is Opcode.P_CONTROL_SOFT_RESET_V1 and key_id == 0:
+        return PacketError("P_CONTROL_SOFT_RESET_V1 with key_id 0", 0)
+    if data[1:9] == _NULL_SID:
+        return PacketError("session id is all zeros", 1)
+    pos = 9
+    if pos >= n:
+        return PacketError("truncated before ACK count", pos)
+    count = data[pos]
+    if count > MAX_ACKS:
+        return PacketError(f"ACK count {count} exceeds {MAX_ACKS}", pos)
+    pos += 1
+    if count:
+        if pos + 4 * count + SID_SIZE > n:
+            return PacketError(f"truncated ACK array ({count} ids + remote session id)", pos)
+        pos += 4 * count + SID_SIZE
+    if op is Opcode.P_ACK_V1:
+        if not count:
+            return PacketError("P_ACK_V1 without any ACK", 9)
+        if pos != n:
+            return PacketError(f"{n - pos} trailing bytes after P_ACK_V1", pos)
+    elif pos + 4 > n:
+        return PacketError("truncated before message packet-id", pos)
+    raise AssertionError(f"decode refused a valid packet {data[:32].hex()}")  # pragma: no cover
+
+
+def _control_by_first_byte(byte: int) -> Opcode | None:
+    """The opcode of a first byte whose opcode and key_id a 2.6 peer accepts, else None."""
+    op = _OPCODE_BY_VALUE.get(byte >> OPCODE_SHIFT)
+    key_id = byte & KEY_ID_MASK
+    if op is None or op not in CONTROL_OPCODES:
+        return None
+    if op in HARD_RESET_OPCODES and key_id != 0:
+        return None
+    if op is Opcode.P_CONTROL_SOFT_RESET_V1 and key_id == 0:
+        return None
+    return op
+
+
+_CONTROL_BY_FIRST_BYTE: list[Opcode | None] = [_control_by_first_byte(b) for b in range(256)]
 
 
 # --- early-negotiation TLVs (spec §6.4): payload of a HARD_RESET_SERVER_V2 -----------------

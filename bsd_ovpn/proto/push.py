@@ -50,7 +50,8 @@ class PushError(ControlMessageError):
 # --------------------------------------------------------------------------- framing
 
 def _printable(s: str) -> bool:
-    return all(" " <= ch <= "~" for ch in s)
+    """Every character in " ".."~" (0x20-0x7E): for ASCII that is exactly isprintable()."""
+    return s.isascii() and s.isprintable()
 
 
 @dataclass
@@ -367,7 +368,16 @@ def build_push_reply(options: list[str], max_len: int = PUSH_BUNDLE_SIZE) -> lis
 
 # --------------------------------------------------------------------------- PUSH_REPLY
 
+#: anything that makes OpenVPN's tokenizer do more than split at spaces: characters
+#: outside printable ASCII (other whitespace, NUL), quotes, backslashes, comments
+_NOT_PLAIN = re.compile(r"[^ -~]|[\\\"'#;]")
+
+
 def _tokenize(option: str) -> list[str]:
+    if not _NOT_PLAIN.search(option):
+        # printable ASCII without quotes, escapes or comment characters (nearly every
+        # pushed option): split_line would only split at runs of spaces, as split() does
+        return option.split()
     # The config parser owns OpenVPN's quoting rules; imported lazily so this
     # module does not depend on the config layer being importable.
     from bsd_ovpn.config import split_line

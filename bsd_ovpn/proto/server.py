@@ -122,6 +122,13 @@ class ServerEndpoint:
         self.dropped = 0
         self.last_error: str | None = None
         self.cookie_resets_sent = 0
+        # peer ids: the lowest free one is handed out.  Ids below _fresh_peer_id that
+        # were freed sit in a min-heap, so allocating is O(log N), not a scan.
+        self._free_peer_ids: list[int] = []
+        self._fresh_peer_id = 0
+        # (session template, pool) -> per-client settings with the pool push hook
+        self._settings_cache: tuple[Any, Any, SessionSettings] | None = None
+        self._pool_cache: tuple[Any, int, int, str, str] | None = None
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -310,7 +317,7 @@ class ServerEndpoint:
     def _client_reset(self, data: bytes, addr: Addr, opcode: int, now: float,
                       replaces: _Client | None, local: Any = None) -> bool:
         early_neg = False
-        v2_wrap = None
+        v2_wrap = v1_wrap = None
         if opcode == Opcode.P_CONTROL_HARD_RESET_CLIENT_V3:
             if self.tls_crypt_v2 is None:
                 return self._drop(f"from {addr}: tls-crypt-v2 reset but no tls-crypt-v2 key")
@@ -319,7 +326,8 @@ class ServerEndpoint:
         else:
             if self.wrap_factory is None:
                 return self._drop(f"from {addr}: reset not wrapped with tls-crypt-v2")
-            plain = self.wrap_factory().unwrap_stateless(data, now)
+            v1_wrap = self.wrap_factory()
+            plain = v1_wrap.unwrap_stateless(data, now)     # replay state untouched
         pkt = ControlPacket.decode(plain)
         if pkt.message_id != 0:
             return self._drop(f"from {addr}: client reset with message id {pkt.message_id}")
@@ -336,7 +344,7 @@ class ServerEndpoint:
                                     EARLY_NEG_FLAG_RESEND_WKC.to_bytes(2, "big"))])
         reply = ControlPacket(Opcode.P_CONTROL_HARD_RESET_SERVER_V2, 0, cookie, (0,),
                               pkt.session_id, 0, payload)
-        wrap = v2_wrap if v2_wrap is not None else self.wrap_factory()
+        wrap = v2_wrap if v2_wrap is not None else v1_wrap
         wrap.send_packet_id = 0
         self._stateless_out.append((wrap.wrap(reply.encode(), now), addr, local))
         self.cookie_resets_sent += 1
@@ -410,17 +418,38 @@ class ServerEndpoint:
         """Per-client session settings; read at session creation so a reload applies."""
         st = self.settings
         if st.pool is not None and st.session.client_push is None:
-            return dataclasses.replace(st.session, client_push=self._pool_push)
+            cached = self._settings_cache
+            if cached is not None and cached[0] is st.session and cached[1] is st.pool:
+                return cached[2]
+            made = dataclasses.replace(st.session, client_push=self._pool_push)
+            self._settings_cache = (st.session, st.pool, made)
+            return made
         return st.session
 
     def _allocate_peer_id(self, *, evict: bool = False) -> int | None:
         if len(self._clients) >= self.settings.max_clients:
             if not evict or not self._evict_unproven():
                 return None
-        for pid in range(self.settings.max_clients):
-            if pid not in self._by_peer_id:
-                return pid
+        limit = self.settings.max_clients
+        free = self._free_peer_ids
+        while free and free[0] in self._by_peer_id:
+            heapq.heappop(free)                 # defensive: taken meanwhile
+        if free and free[0] < limit:
+            return heapq.heappop(free)
+        while self._fresh_peer_id in self._by_peer_id:
+            self._fresh_peer_id += 1            # defensive: never happens via _add
+        if self._fresh_peer_id < limit:
+            pid = self._fresh_peer_id
+            self._fresh_peer_id += 1
+            return pid
         return None
+
+    def _forget_peer_id(self, client: _Client) -> None:
+        """Drop ``client`` from the peer-id index; its id becomes free again."""
+        if self._by_peer_id.get(client.peer_id) is client:
+            del self._by_peer_id[client.peer_id]
+            if client.peer_id < self._fresh_peer_id:
+                heapq.heappush(self._free_peer_ids, client.peer_id)
 
     def _evict_unproven(self) -> bool:
         """Drop the oldest stateful session whose sender never acknowledged our reset."""
@@ -482,8 +511,9 @@ class ServerEndpoint:
         if client.session.terminated is None:
             client.session.abort("replaced", why)
         self._collect(client, remove=False)
-        self._clients.pop(client.addr, None)
-        self._by_peer_id.pop(client.peer_id, None)
+        if self._clients.get(client.addr) is client:
+            del self._clients[client.addr]
+        self._forget_peer_id(client)
         self._unproven.pop(client, None)
         client.timer_seq = -1
 
@@ -493,8 +523,8 @@ class ServerEndpoint:
             self._events.append(ClientEvent(client.peer_id, client.addr, e))
         if remove and s.terminated is not None and self._clients.get(client.addr) is client:
             # keep nothing of a finished client (hand-window expiry included)
-            self._clients.pop(client.addr, None)
-            self._by_peer_id.pop(client.peer_id, None)
+            del self._clients[client.addr]
+            self._forget_peer_id(client)
             self._unproven.pop(client, None)
             client.timer_seq = -1
 
@@ -507,6 +537,23 @@ class ServerEndpoint:
     def _pool_push(self, session: Session) -> list[str]:
         pool = self.settings.pool
         assert pool is not None
+        if pool.version != 4:
+            return self._pool_push_any(pool, session)
+        cached = self._pool_cache
+        if cached is None or cached[0] is not pool:
+            # the pool's arithmetic once per pool, not per client (ipaddress is slow)
+            cached = (pool, int(pool.network_address), int(pool.broadcast_address),
+                      f"route-gateway {pool.network_address + 1}", f" {pool.netmask}")
+            self._pool_cache = cached
+        _pool, net, broadcast, gw_line, mask = cached
+        ip = net + 2 + (session.peer_id or 0)
+        if ip >= broadcast:                     # past the pool, or its broadcast address
+            raise LocalProtocolError(f"address pool {pool} exhausted for peer_id {session.peer_id}")
+        return [gw_line, "topology subnet",
+                f"ifconfig {ip >> 24}.{(ip >> 16) & 255}.{(ip >> 8) & 255}.{ip & 255}{mask}"]
+
+    @staticmethod
+    def _pool_push_any(pool: Any, session: Session) -> list[str]:
         gw = pool.network_address + 1
         ip = pool.network_address + 2 + (session.peer_id or 0)
         if ip not in pool or ip == pool.broadcast_address:

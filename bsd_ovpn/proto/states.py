@@ -55,13 +55,27 @@ _TABLE: dict[tuple[KSState, Trigger, bool | None], KSState] = {
 }
 
 
+#: _TABLE keyed by the trigger's value: a plain Enum hashes in Python, a str in C
+_BY_VALUE: dict[tuple[KSState, str, bool | None], KSState] = {
+    (state, trigger._value_, role): nxt for (state, trigger, role), nxt in _TABLE.items()
+}
+
+
 def transition(state: KSState, trigger: Trigger, *, server: bool) -> KSState:
     """Next state, or LocalProtocolError if ``trigger`` is illegal in ``state``."""
     if trigger is T.FAIL:
         return S.ERROR
-    for key in ((state, trigger, server), (state, trigger, None)):
-        if key in _TABLE:
-            return _TABLE[key]
+    if trigger.__class__ is Trigger:
+        value = trigger._value_
+        nxt = _BY_VALUE.get((state, value, server))
+        if nxt is None:
+            nxt = _BY_VALUE.get((state, value, None))
+        if nxt is not None:
+            return nxt
+    else:
+        for key in ((state, trigger, server), (state, trigger, None)):
+            if key in _TABLE:
+                return _TABLE[key]
     role = "server" if server else "client"
     raise LocalProtocolError(f"{role} key_state cannot go from {state.name} on {trigger.value}")
 

@@ -18,9 +18,8 @@ import hmac
 import struct
 from abc import ABC, abstractmethod
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from bsd_ovpn.errors import LocalProtocolError, RemoteProtocolError
+from bsd_ovpn.proto.fastcrypto import CtrKey, hmac_digest
 from bsd_ovpn.proto.keyfile import (
     StaticKey, TLSCryptV2ClientKey, TLSCryptV2ServerKey, WKcError, key_indices,
     unwrap_client_key, MAX_WKC_LEN,
@@ -104,12 +103,15 @@ class ReplayWindow:
             self._holes = {i: now for i in range(max(1, pid - self.window + 1), pid)}
             self._top = pid
         elif pid > self._top:
+            holes, seen = self._holes, self._seen
             for i in range(max(self._top + 1, pid - self.window + 1), pid):
-                self._holes[i] = now
+                holes[i] = now
+            # ids fall out of the window from the bottom: drop just those (at most
+            # pid - top of them) instead of rebuilding both containers per packet
+            for i in range(self._top - self.window + 1, pid - self.window + 1):
+                seen.discard(i)
+                holes.pop(i, None)
             self._top = pid
-            floor = pid - self.window
-            self._seen = {i for i in self._seen if i > floor}
-            self._holes = {i: t for i, t in self._holes.items() if i > floor}
         self._holes.pop(pid, None)
         self._seen.add(pid)
 
@@ -232,7 +234,7 @@ class TLSAuth(ControlWrap):
         self.overhead = self.wire_overhead = self.hsize + 8
 
     def _mac(self, key: bytes, pidts: bytes, hdr: bytes, rest: bytes) -> bytes:
-        return hmac.new(key, pidts + hdr + rest, self.digest).digest()
+        return hmac_digest(key, pidts + hdr + rest, self.digest)
 
     def wrap(self, packet: bytes, now: float) -> bytes:
         packet = self._check_plain(packet)
@@ -252,10 +254,6 @@ class TLSAuth(ControlWrap):
         return hdr + rest, pid, ts
 
 
-def _ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
-    c = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
-    return c.update(data) + c.finalize()
-
 
 class TLSCrypt(ControlWrap):
     """``--tls-crypt``: AES-256-CTR + HMAC-SHA256, SIV style (spec §3.4, §5.3).
@@ -271,24 +269,26 @@ class TLSCrypt(ControlWrap):
         super().__init__()
         self.base_key = key
         self.server = bool(server)
-        send, recv = (0, 1) if server else (1, 0)
-        self._send_ke, self._send_ka = key.cipher(send)[:32], key.hmac(send)[:32]
-        self._recv_ke, self._recv_ka = key.cipher(recv)[:32], key.hmac(recv)[:32]
+        # keys[i].cipher[:32] is data[128i:128i+32], keys[i].hmac[:32] data[128i+64:128i+96]
+        d = key.data
+        send, recv = (0, 128) if server else (128, 0)
+        self._send_ke, self._send_ka = CtrKey(d[send:send + 32]), d[send + 64:send + 96]
+        self._recv_ke, self._recv_ka = CtrKey(d[recv:recv + 32]), d[recv + 64:recv + 96]
 
     def wrap(self, packet: bytes, now: float) -> bytes:
         packet = self._check_plain(packet)
         header = packet[:_HDR] + self._next_pid(now)
         plain = packet[_HDR:]
-        tag = hmac.new(self._send_ka, header + plain, hashlib.sha256).digest()
-        return header + tag + _ctr(self._send_ke, tag[:16], plain)
+        tag = hmac_digest(self._send_ka, header + plain)
+        return header + tag + self._send_ke.apply(tag[:16], plain)
 
     def _open(self, data: bytes) -> tuple[bytes, int, int]:
         off_ct = _HDR + 8 + TLS_CRYPT_TAG
         if len(data) < off_ct + 1:
             raise WrapError(f"tls-crypt packet of {len(data)} bytes is too short")
         header, tag = data[:_HDR + 8], data[_HDR + 8:off_ct]
-        plain = _ctr(self._recv_ke, tag[:16], data[off_ct:])
-        check = hmac.new(self._recv_ka, header + plain, hashlib.sha256).digest()
+        plain = self._recv_ke.apply(tag[:16], data[off_ct:])
+        check = hmac_digest(self._recv_ka, header + plain)
         if not hmac.compare_digest(tag, check):
             raise WrapError("tls-crypt authentication failed (wrong key or tampered packet)")
         pid, ts = struct.unpack(">II", header[_HDR:])

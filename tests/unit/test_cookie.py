@@ -77,3 +77,29 @@ def test_bad_construction():
         CookieJar(b"short")
     with pytest.raises(LocalProtocolError):
         CookieJar(SECRET, hand_window=0)
+
+
+@pytest.mark.parametrize("host", [
+    "192.0.2.1", "0.0.0.0", "255.255.255.255", "01.2.3.4", "1.2.3", "1.2.3.256", " 1.2.3.4",
+    "::1", "::ffff:192.0.2.1", "::FFFF:192.0.2.1", "::ffff:c000:201", "2001:db8::1",
+    "2001:DB8::1", "2001:0db8::1", "fe80::1%eth0", "::", "::192.0.2.1", "64:ff9b::1.2.3.4",
+    "1:2:3:4:5:6:7:8", "1::2:3:4:5:6:7", "", "not-an-ip", "1.2.3.4\x00",
+])
+def test_fast_host_parse_agrees_with_ipaddress(host):
+    """The inet_pton fast path must give what ipaddress gives (or the same error)."""
+    from bsd_ovpn.proto.cookie import _host_bytes, _ip_bytes
+
+    def outcome(f):
+        try:
+            return f(host)
+        except LocalProtocolError as exc:
+            return str(exc)
+
+    assert outcome(_host_bytes) == outcome(_ip_bytes)
+
+
+def test_mapped_and_plain_ipv4_sources_share_cookies():
+    jar = CookieJar(SECRET)
+    c = jar.make(10.0, ("192.0.2.77", 5000), SID)
+    assert jar.check(10.0, ("::ffff:192.0.2.77", 5000, 0, 0), SID, c)
+    assert not jar.check(10.0, ("192.0.2.78", 5000), SID, c)

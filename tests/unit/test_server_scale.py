@@ -191,6 +191,40 @@ def test_stale_timer_entries_stay_bounded(server_tls: TLSConfig) -> None:
     assert len(ep._timers) <= 64 + 4 * len(ep)
 
 
+def test_peer_ids_lowest_free_first_and_bounded_by_max_clients(server_tls: TLSConfig) -> None:
+    """Freed peer ids are reused lowest first (as the old scan over 0..max-1 did), new ones
+    continue after the highest, and max-clients still caps the count."""
+    ep, _ = _endpoint(server_tls, 8)                 # peer ids 0..7, max_clients 18
+    assert sorted(pid for pid, _a, _s in ep.clients()) == list(range(8))
+    ep.datagrams_to_send(T0)
+    for pid in (5, 2, 6):
+        s = ep.session_by_peer_id(pid)
+        assert s is not None
+        s.close(T0 + 1)                              # no TLS yet: ends at once
+        ep.touch(pid)
+    ep.datagrams_to_send(T0 + 1)
+    assert sorted(pid for pid, _a, _s in ep.clients()) == [0, 1, 3, 4, 7]
+    got = []
+    for i in range(100, 113):                        # 13 new clients: 2, 5, 6, then 8..17
+        reset = ControlPacket(Opcode.P_CONTROL_HARD_RESET_CLIENT_V2, 0, _sid(i),
+                              message_id=0).encode()
+        assert ep.receive_datagram(reset, _addr(i), T0 + 1)
+        [(reply, _to)] = ep.datagrams_to_send(T0 + 1)
+        cookie = ControlPacket.decode(reply).session_id
+        assert ep.receive_datagram(_cookie_ack(i, cookie), _addr(i), T0 + 1)
+        ep.datagrams_to_send(T0 + 1)
+        got.append(next(pid for pid, a, _s in ep.clients() if a == _addr(i)))
+    assert got == [2, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+    assert len(ep) == 18
+    i = 200                                          # max-clients reached: refused
+    reset = ControlPacket(Opcode.P_CONTROL_HARD_RESET_CLIENT_V2, 0, _sid(i), message_id=0).encode()
+    ep.receive_datagram(reset, _addr(i), T0 + 1)
+    [(reply, _to)] = ep.datagrams_to_send(T0 + 1)
+    cookie = ControlPacket.decode(reply).session_id
+    assert not ep.receive_datagram(_cookie_ack(i, cookie), _addr(i), T0 + 1)
+    assert "max-clients" in (ep.last_error or "") and len(ep) == 18
+
+
 def _pool(start: str, end: str, v6: str | None = None) -> AddressPool:
     from types import SimpleNamespace
 

@@ -6,6 +6,7 @@ import hmac
 import struct
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from bsd_ovpn.errors import LocalProtocolError, RemoteProtocolError
@@ -239,6 +240,42 @@ def test_replay_window_bounded_under_stream():
         assert r.check(i, 1, i / 1000) is None
         r.add(i, 1, i / 1000)
     assert len(r._seen) + len(r._holes) <= 64
+
+
+class _RebuildingWindow(ReplayWindow):
+    """The window as first written (containers rebuilt on every advance): the reference."""
+
+    def add(self, pid, ts, now):
+        if self._ts is None or ts > self._ts or pid > self._top + self.window:
+            self._ts = ts
+            self._seen = set()
+            self._holes = {i: now for i in range(max(1, pid - self.window + 1), pid)}
+            self._top = pid
+        elif pid > self._top:
+            for i in range(max(self._top + 1, pid - self.window + 1), pid):
+                self._holes[i] = now
+            self._top = pid
+            floor = pid - self.window
+            self._seen = {i for i in self._seen if i > floor}
+            self._holes = {i: t for i, t in self._holes.items() if i > floor}
+        self._holes.pop(pid, None)
+        self._seen.add(pid)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 3), st.floats(0, 40)),
+                max_size=120))
+def test_replay_window_same_verdicts_as_reference(stream):
+    """Dropping just the ids that leave the window gives the reference's every verdict."""
+    fast, ref = ReplayWindow(), _RebuildingWindow()
+    for pid, ts, now in stream:
+        verdict = fast.check(pid, ts, now)
+        assert verdict == ref.check(pid, ts, now)
+        if verdict is None:
+            fast.add(pid, ts, now)
+            ref.add(pid, ts, now)
+            assert fast._seen == ref._seen and fast._holes == ref._holes
+            assert fast._top == ref._top and fast._ts == ref._ts
 
 
 # --- tls-crypt-v2 --------------------------------------------------------------------------
