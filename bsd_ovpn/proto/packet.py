@@ -200,7 +200,7 @@ class ControlPacket:
     def _trusted(cls, opcode: Opcode, key_id: int, session_id: bytes, acks: tuple[int, ...],
                  remote_session_id: bytes | None, message_id: int | None,
                  payload: bytes) -> ControlPacket:
-        """A packet from fields :meth:`decode` has already checked (skips ``__post_init__``)."""
+        """A packet from fields :meth:`decode` has already checked (skips ``__init__``'s checks)."""
         pkt = _new(cls)
         _set = object.__setattr__
         _set(pkt, "opcode", opcode)

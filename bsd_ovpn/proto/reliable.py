@@ -76,7 +76,7 @@ def control_payload_room(*, wrap_overhead: int, n_acks: int,
     return room
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outgoing:
     """One packet in the send window, waiting for its ACK."""
 
@@ -97,6 +97,10 @@ class SendWindow:
     put on the wire now; :meth:`mark_sent` starts their timers.  ACKs arriving
     from the peer go to :meth:`acknowledge`.
     """
+
+    # A server keeps two of these per connected client for hours: slots, and the
+    # dict of packets in flight is replaced by a fresh (table-less) one once empty.
+    __slots__ = ("window", "next_id", "initial_timeout", "_out")
 
     def __init__(self, *, window: int = SEND_WINDOW, first_id: int = 0,
                  initial_timeout: float = INITIAL_TIMEOUT) -> None:
@@ -189,6 +193,8 @@ class SendWindow:
                     # only packets we already sent can be "overtaken"
                     if o.message_id < aid and o.next_try is not None:
                         o.higher_acks += 1
+        if removed and not self._out:
+            self._out = {}          # an emptied dict keeps its hash table
         return removed
 
 
@@ -202,6 +208,8 @@ class Verdict(enum.Enum):
 
 class ReceiveWindow:
     """Incoming half: reorder up to 12 packets, deliver in message-id order."""
+
+    __slots__ = ("window", "next_expected", "_stored")
 
     def __init__(self, *, window: int = RECEIVE_WINDOW, first_id: int = 0) -> None:
         self.window = window
@@ -225,13 +233,15 @@ class ReceiveWindow:
             opcode, payload = self._stored.pop(self.next_expected)
             out.append((self.next_expected, opcode, payload))
             self.next_expected += 1
+        if out and not self._stored:
+            self._stored = {}       # an emptied dict keeps its hash table
         return out
 
     def buffered(self) -> int:
         return len(self._stored)
 
 
-@dataclass
+@dataclass(slots=True)
 class AckQueue:
     """Ids to acknowledge plus the MRU list of ids acknowledged before (2.6)."""
 

@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import sys
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +64,12 @@ TLS_ALERT_LINGER = 1.0
 _DATA_OPCODES = (Opcode.P_DATA_V1, Opcode.P_DATA_V2)
 DYN_TLS_CRYPT_LABEL = b"EXPORTER-OpenVPN-dynamic-tls-crypt"
 _MAX_PLAIN_BUFFER = 16384      # unparsed TLS plaintext we are willing to hold
+# IV_PROTO bits as plain ints for the per-handshake tests (IntFlag operators are slow)
+_IV_TLS_KEY_EXPORT = int(IVProto.TLS_KEY_EXPORT)
+_IV_CC_EXIT_NOTIFY = int(IVProto.CC_EXIT_NOTIFY)
+_IV_DYN_TLS_CRYPT = int(IVProto.DYN_TLS_CRYPT)
+_IV_REQUEST_PUSH = int(IVProto.REQUEST_PUSH)
+_IV_DATA_V2 = int(IVProto.DATA_V2)
 
 
 class SessionError(RemoteProtocolError):
@@ -128,9 +133,14 @@ def _new_sid() -> bytes:
             return sid
 
 
-@dataclass
+@dataclass(slots=True)
 class KeyState:
-    """One negotiation (key_id): windows, TLS object, KM2 data and key slot."""
+    """One negotiation (key_id): windows, TLS object, KM2 data and key slot.
+
+    Slots: a server keeps one or two per connected client for hours.  The KM2
+    data (``local_source``, ``remote_km``) is dropped once the data-channel
+    keys are derived: it is needed for nothing else, and it is key material.
+    """
 
     key_id: int
     server: bool
@@ -164,6 +174,15 @@ class KeyState:
 class Session:
     """One tls_session.  Use :meth:`connect` (client) or the ``accept_*`` constructors."""
 
+    # A server holds one per connected client: no per-instance dict.
+    __slots__ = ("settings", "server", "wrap", "local_sid", "remote_sid", "peer_id", "created",
+                 "primary", "lame_duck", "_next_key_id", "_events", "terminated", "_closing",
+                 "_now", "dropped", "data_ignored", "last_error", "cipher", "key_derivation",
+                 "cc_exit", "peer_info", "peer_common_name", "username", "resend_wkc", "pushed",
+                 "_push_assembler", "_auth_token", "_push_request_due", "_push_sent_at",
+                 "_push_wanted", "auth_failed", "ping", "ping_restart", "_last_sent",
+                 "_last_received", "_exit_sent", "dyn_tls_crypt", "_dyn_wrap", "__weakref__")
+
     def __init__(self, settings: SessionSettings, wrap: object, now: float, *,
                  local_sid: bytes | None = None, remote_sid: bytes | None = None,
                  peer_id: int | None = None) -> None:
@@ -177,7 +196,8 @@ class Session:
         self.primary: KeyState | None = None
         self.lame_duck: KeyState | None = None
         self._next_key_id = 0
-        self._events: deque[ev.Event] = deque()
+        # a list: an empty deque costs ~600 bytes, and rarely holds more than a few
+        self._events: list[ev.Event] = []
         self.terminated: ev.ConnectionTerminated | None = None
         self._closing: tuple[float, str, str] | None = None   # deadline, reason, message
         self._now = now                     # latest time seen (for _tls_failed's linger)
@@ -193,7 +213,7 @@ class Session:
         self.username: str | None = None
         self.resend_wkc = False
         self.pushed: pushmod.PushReply | None = None
-        self._push_assembler = pushmod.PushReplyAssembler()
+        self._push_assembler: pushmod.PushReplyAssembler | None = None   # client, on demand
         self._auth_token: str | None = None
         self._push_request_due: float | None = None
         self._push_sent_at: float | None = None
@@ -264,7 +284,7 @@ class Session:
 
     # ------------------------------------------------------------------ public API
     def next_event(self) -> ev.Event | None:
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     @property
     def established(self) -> bool:
@@ -737,7 +757,7 @@ class Session:
             raw = bytes(ks.plain[:nul])
             del ks.plain[:nul + 1]
             text = raw.decode("ascii", "replace").rstrip("\r\n")
-            if text and all(32 <= ord(c) < 127 for c in text):
+            if text and text.isascii() and text.isprintable():   # 0x20..0x7E only
                 self._control_message(ks, text, now)
 
     def _client_send_km2(self, ks: KeyState) -> None:
@@ -821,11 +841,12 @@ class Session:
             except CipherNegotiationError as exc:
                 self._auth_decided(ks, False, str(exc), now)
                 return
-            want_ekm = st.ekm and bool(pi.proto & IVProto.TLS_KEY_EXPORT) and _ekm_capable()
+            proto = int(pi.proto)         # plain ints: an IntFlag & costs ~2 us
+            want_ekm = st.ekm and bool(proto & _IV_TLS_KEY_EXPORT) and _ekm_capable()
             self.key_derivation = "tls-ekm" if want_ekm else "prf"
-            self.cc_exit = bool(pi.proto & IVProto.CC_EXIT_NOTIFY)
+            self.cc_exit = bool(proto & _IV_CC_EXIT_NOTIFY)
             self.dyn_tls_crypt = (want_ekm and self.cc_exit and st.dyn_tls_crypt
-                                  and bool(pi.proto & IVProto.DYN_TLS_CRYPT))
+                                  and bool(proto & _IV_DYN_TLS_CRYPT))
         verdict: object = True
         if st.auth_verify is not None:
             req = ev.AuthRequest(ks.key_id, self.peer_common_name, km.username, km.password,
@@ -855,7 +876,8 @@ class Session:
         self._events.append(ev.PeerAuthenticated(ks.key_id, self.peer_common_name, self.username,
                                                  _pi_dict(self.peer_info)))
         self._generate_keys(ks, now)
-        if ks.key_id == 0 and (self.peer_info.proto & IVProto.REQUEST_PUSH or self._push_wanted):
+        if ks.key_id == 0 and (int(self.peer_info.proto) & _IV_REQUEST_PUSH
+                               or self._push_wanted):
             self._send_push_reply(now)
         self._check_active(ks, now)
 
@@ -883,6 +905,8 @@ class Session:
             ks.keys = split_key2(key2, self.cipher, server=self.server, key_id=ks.key_id)
             if ks.key_id == 0 and self.dyn_tls_crypt and self._dyn_wrap is None:
                 self._dyn_wrap = self._make_dyn_wrap(ks)
+            # the KM2 randoms served their purpose; do not keep key material around
+            ks.local_source = ks.remote_km = None
         except (OvpnError, ValueError) as exc:
             self._terminate("protocol-error", f"data-channel key derivation failed: {exc}")
             return
@@ -1021,7 +1045,7 @@ class Session:
         if st.client_push is not None:
             opts += list(st.client_push(self))
         pi = self.peer_info
-        if self.peer_id is not None and st.push_peer_id and pi.proto & IVProto.DATA_V2:
+        if self.peer_id is not None and st.push_peer_id and int(pi.proto) & _IV_DATA_V2:
             opts.append(f"peer-id {self.peer_id}")
         if self.cipher is not None and (pi.ciphers is not None or (pi.ncp or 0) >= 2):
             opts.append(f"cipher {self.cipher}")
@@ -1049,12 +1073,15 @@ class Session:
         if self.pushed is not None:
             return                          # duplicate (answer to a repeated request)
         try:
+            if self._push_assembler is None:
+                self._push_assembler = pushmod.PushReplyAssembler()
             reply = self._push_assembler.feed(text)
         except (OvpnError, ValueError) as exc:
             self._terminate("protocol-error", f"bad PUSH_REPLY: {exc}")
             return
         if reply is None:
             return                          # push-continuation 2: more parts follow
+        self._push_assembler = None
         self._push_request_due = None
         err = self._apply_push(reply)
         if err:

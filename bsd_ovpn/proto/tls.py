@@ -15,6 +15,7 @@ clients has one context).
 from __future__ import annotations
 
 import re
+import sys
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from bsd_ovpn.errors import LocalProtocolError, RemoteProtocolError, ValidationError
+from bsd_ovpn.proto.record import RecordCounter, RecordError, RecordLayer, alert_name
 
 __all__ = [
     "MAX_WRITE", "TLSChannel", "TLSConfig", "TLSConfigError", "TLSError", "VerifyX509Name",
@@ -376,6 +378,9 @@ class TLSConfig:
     tls_cipher: str | None = None
     tls_ciphersuites: str | None = None
     tls_groups: str | None = None
+    #: After a TLS 1.3 handshake, carry the session on with our own record layer and
+    #: free OpenSSL's per-connection state (see :class:`TLSChannel`).
+    record_handoff: bool = True
     _contexts: dict[bool, SSL.Context] = field(default_factory=dict, init=False, repr=False)
     _cipher_list: bytes = field(default=_TLS12_CIPHERS, init=False, repr=False)
     _ciphersuites: bytes | None = field(default=None, init=False, repr=False)
@@ -487,6 +492,8 @@ class TLSConfig:
         else:
             flags = SSL.VERIFY_PEER
         ctx.set_verify(flags, self._verify_callback)
+        if self.record_handoff:
+            ctx.set_keylog_callback(_keylog_callback)
         return ctx
 
     def _verify_callback(self, conn: SSL.Connection, cert: crypto.X509, errnum: int,
@@ -495,8 +502,10 @@ class TLSConfig:
         ref = conn.get_app_data()
         channel = ref() if isinstance(ref, weakref.ref) else None
         try:
-            ccert = cert.to_cryptography()
+            # a CA that OpenSSL accepted needs no look (and no conversion)
+            ccert = cert.to_cryptography() if not ok or depth == 0 else None
             if not ok:
+                assert ccert is not None
                 reason = (f"certificate verify failed: {_verify_error(errnum)} (depth {depth}, "
                           f"subject {format_subject(ccert.subject)})")
                 if errnum == _X509_V_ERR_INVALID_PURPOSE:
@@ -505,7 +514,12 @@ class TLSConfig:
                     reason += (f": its extendedKeyUsage does not allow use as a TLS {role} "
                                "certificate")
             elif depth == 0:
+                assert ccert is not None
                 reason = self._leaf_problem(ccert)
+                if reason is None and isinstance(channel, TLSChannel):
+                    # the peer's certificate facts, so they need not be fetched again
+                    channel._peer = (ccert.public_bytes(serialization.Encoding.DER),
+                                     _common_name(ccert))
             else:
                 reason = None
         except Exception as e:  # never let an exception escape into OpenSSL
@@ -546,6 +560,17 @@ class TLSConfig:
 
 # --------------------------------------------------------------------------- channel
 
+def _keylog_callback(conn: SSL.Connection, line: bytes) -> None:
+    """Route OpenSSL's key log line to its channel (never raises into OpenSSL)."""
+    try:
+        ref = conn.get_app_data()
+        channel = ref() if isinstance(ref, weakref.ref) else None
+        if isinstance(channel, TLSChannel):
+            channel._keylog(line)  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - no exception may cross the C callback  # pragma: no cover
+        pass
+
+
 def _ssl_error_text(err: SSL.Error) -> str:
     reasons = []
     for item in err.args[0] if err.args and isinstance(err.args[0], list) else []:
@@ -575,12 +600,24 @@ class TLSChannel:
     handshake completes is buffered and flushed (one record per write) as
     soon as it does.  Errors raise :class:`TLSError`; the TLS alert that
     explains the failure to the peer is still left in :meth:`outgoing`.
+
+    A TLS 1.3 session leaves OpenSSL once it is established and quiescent
+    (see :mod:`bsd_ovpn.proto.record`): an ``SSL`` object costs ~43 KiB for
+    as long as the key state lives, our record layer a few hundred bytes.
+    The hand-off happens by itself at the first point where nothing is in
+    flight inside OpenSSL and both directions' record sequence numbers are
+    known for sure (:meth:`release_openssl`); until then, and for TLS 1.2,
+    OpenSSL runs the session.  The API is the same either way.
     """
+
+    __slots__ = ("config", "server", "_conn", "_verify_failure", "_pending", "_failed",
+                 "handshake_complete", "closed", "_secrets", "_count_in", "_count_out",
+                 "_drained", "_rl", "_facts", "_peer", "_new_secret", "__weakref__")
 
     def __init__(self, config: TLSConfig, *, server: bool) -> None:
         self.config = config
         self.server = server
-        self._conn = SSL.Connection(config.context(server), None)
+        self._conn: SSL.Connection | None = SSL.Connection(config.context(server), None)
         # A weak reference: no cycle, so a dropped channel frees its SSL at once.
         self._conn.set_app_data(weakref.ref(self))
         self._verify_failure: str | None = None
@@ -588,11 +625,28 @@ class TLSChannel:
         self._failed: TLSError | None = None
         self.handshake_complete = False
         self.closed = False
+        # hand-off bookkeeping (None once handed off, or when it cannot happen)
+        self._secrets: dict[bytes, bytes] | None = {} if config.record_handoff else None
+        self._count_in: RecordCounter | None = RecordCounter() if config.record_handoff else None
+        self._count_out: RecordCounter | None = RecordCounter() if config.record_handoff \
+            else None
+        self._drained = False      # the last SSL_read wanted more input than was given
+        self._new_secret = False   # a key log line arrived that the counters have not seen
+        self._rl: RecordLayer | None = None
+        # (version, cipher, group, peer certificate DER, peer CN) kept at the hand-off
+        self._facts: tuple[str | None, str | None, str | None, bytes | None, str | None] | None \
+            = None
+        self._peer: tuple[bytes | None, str | None] | None = None   # (cert DER, CN), cached
         if server:
             self._conn.set_accept_state()
         else:
             self._conn.set_connect_state()
             self._advance()  # produce the ClientHello now
+
+    @property
+    def handed_off(self) -> bool:
+        """True once OpenSSL is gone and our TLS 1.3 record layer carries the session."""
+        return self._rl is not None
 
     # -- errors ----------------------------------------------------------------
 
@@ -602,17 +656,113 @@ class TLSChannel:
         else:
             exc = TLSError(_describe_failure(_ssl_error_text(err), self.server))
         self._failed = exc
+        self._stop_counting()
+        return exc
+
+    def _record_failure(self, err: RecordError) -> TLSError:
+        if err.peer_alert is not None:
+            # worded like OpenSSL's failures (_describe_failure): in TLS 1.3 a server
+            # refuses a client certificate only after the client finished its handshake
+            assert self._rl is not None
+            peer = "client" if self.server else "server"
+            stage = "TLS failed" if self._rl.got_data else "TLS handshake failed"
+            exc = TLSError(f"{stage}: the {peer} rejected us (TLS alert "
+                           f"{alert_name(err.peer_alert).replace('_', ' ')})")
+        else:
+            exc = TLSError(str(err))
+        self._failed = exc
         return exc
 
     def _check_usable(self) -> None:
         if self._failed is not None:
             raise TLSError(f"TLS session already failed: {self._failed}")
 
+    # -- hand-off to the record layer --------------------------------------------
+
+    def _stop_counting(self) -> None:
+        self._secrets = self._count_in = self._count_out = None
+
+    def _keylog(self, line: bytes) -> None:
+        """OpenSSL's key log line (NSS format): keep the secrets the hand-off needs."""
+        if self._secrets is None:
+            return
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in _HANDOFF_SECRETS:
+            try:
+                self._secrets[parts[0]] = bytes.fromhex(parts[2].decode("ascii"))
+                self._new_secret = True
+            except ValueError:  # pragma: no cover - OpenSSL writes hex
+                self._stop_counting()
+
+    def _give_counters_keys(self) -> None:
+        """Hand each counter its application traffic secret once OpenSSL derived it."""
+        if not self._new_secret:
+            return
+        secrets, conn = self._secrets, self._conn
+        if secrets is None or conn is None or self._count_in is None \
+                or self._count_out is None:
+            return
+        suite = conn.get_cipher_name()
+        if suite is None:
+            return
+        self._new_secret = False
+        mine, theirs = (_SERVER_SECRET, _CLIENT_SECRET) if self.server \
+            else (_CLIENT_SECRET, _SERVER_SECRET)
+        if theirs in secrets:
+            self._count_in.set_secret(suite, secrets[theirs])
+        if mine in secrets:
+            self._count_out.set_secret(suite, secrets[mine])
+
+    def release_openssl(self) -> bool:
+        """Move an established TLS 1.3 session from OpenSSL to our record layer, if safe now.
+
+        Safe means: the handshake is over and nothing is in flight -- no
+        ciphertext unread in either memory BIO or half-parsed by us, no
+        plaintext OpenSSL decrypted that was not read, the last SSL_read
+        asked for more input, no write waiting for the handshake, no
+        shutdown started -- and the counters know both sequence numbers
+        (neither lost track).  Returns True if the session is (now) handed off.
+        """
+        if self._rl is not None:
+            return True
+        conn = self._conn
+        cin, cout, secrets = self._count_in, self._count_out, self._secrets
+        if conn is None or cin is None or cout is None or secrets is None \
+                or not self.handshake_complete or self._failed is not None or self.closed:
+            return False
+        if self._pending or not self._drained or not cin.idle or not cout.idle:
+            return False                    # cheap tests first: this runs on every drain
+        if conn.get_protocol_version_name() != "TLSv1.3":
+            self._stop_counting()           # TLS 1.2 stays in OpenSSL
+            return False
+        self._give_counters_keys()
+        if cin.lost is not None or cout.lost is not None or cin.keys is None \
+                or cout.keys is None or _EXPORTER_SECRET not in secrets:
+            if cin.lost is not None or cout.lost is not None:
+                self._stop_counting()
+            return False
+        if (conn.pending() or conn.get_shutdown()
+                or _bio_pending(conn._into_ssl) or _bio_pending(conn._from_ssl)):  # noqa: SLF001
+            return False
+        suite = conn.get_cipher_name()
+        assert suite is not None
+        group = self._group_from(conn)
+        # interned: one copy of "TLSv1.3" etc. for all sessions, not one per client
+        self._facts = (sys.intern(conn.get_protocol_version_name()), sys.intern(suite),
+                       sys.intern(group) if group is not None else None, *self._peer_facts())
+        # the counters' keys are the application traffic keys at the next sequence numbers
+        self._rl = RecordLayer.from_counters(server=self.server, read=cin, write=cout,
+                                             exporter_secret=secrets[_EXPORTER_SECRET])
+        self._stop_counting()
+        self._conn = None                   # frees the SSL object (nothing else holds it)
+        return True
+
     # -- handshake ---------------------------------------------------------------
 
     def _advance(self) -> None:
         if self.handshake_complete:
             return
+        assert self._conn is not None
         try:
             self._conn.do_handshake()
         except SSL.WantReadError:
@@ -627,28 +777,43 @@ class TLSChannel:
     def receive(self, ciphertext: bytes) -> None:
         """Feed TLS bytes from the peer (in control-packet order)."""
         self._check_usable()
+        rl = self._rl
+        if rl is not None:
+            try:
+                rl.receive(bytes(ciphertext))
+            except RecordError as e:
+                raise self._record_failure(e) from None
+            return
+        assert self._conn is not None
         if ciphertext:
-            self._conn.bio_write(bytes(ciphertext))
+            data = bytes(ciphertext)
+            self._conn.bio_write(data)
+            self._drained = False
+            if self._count_in is not None:
+                self._count_in.feed(data)
         self._advance()
+        self._give_counters_keys()
 
     def outgoing(self) -> bytes:
         """Drain everything TLS wants to send (possibly several records)."""
-        out = []
-        while True:
-            try:
-                chunk = self._conn.bio_read(_READ_CHUNK)
-            except SSL.WantReadError:
-                break
-            except SSL.Error:  # pragma: no cover - memory BIO read cannot fail otherwise
-                break
-            if not chunk:
-                break
-            out.append(chunk)
-        return b"".join(out)
+        rl = self._rl
+        if rl is not None:
+            return rl.outgoing()
+        conn = self._conn
+        assert conn is not None
+        data = _drain(conn)
+        if self._count_out is not None:
+            self._give_counters_keys()
+            # before do_handshake() succeeded OpenSSL wrote only handshake-epoch records
+            self._count_out.feed(data, handshake=not self.handshake_complete)
+            if self.handshake_complete:
+                self.release_openssl()
+        return data
 
     # -- application data ----------------------------------------------------------
 
     def _write_record(self, data: bytes) -> None:
+        assert self._conn is not None
         try:
             n = self._conn.write(data)
         except SSL.Error as e:
@@ -667,6 +832,10 @@ class TLSChannel:
         if not self.handshake_complete:
             self._pending.append(bytes(plaintext))
             return
+        rl = self._rl
+        if rl is not None:
+            rl.write(bytes(plaintext))
+            return
         self._write_record(bytes(plaintext))
 
     def read_record(self) -> bytes:
@@ -674,9 +843,17 @@ class TLSChannel:
         self._check_usable()
         if not self.handshake_complete:
             return b""
+        rl = self._rl
+        if rl is not None:
+            data = rl.read_record()
+            if not data and rl.closed:
+                self.closed = True
+            return data
+        assert self._conn is not None
         try:
             return self._conn.recv(_READ_CHUNK)
         except SSL.WantReadError:
+            self._drained = True
             return b""
         except SSL.ZeroReturnError:
             self.closed = True
@@ -694,6 +871,26 @@ class TLSChannel:
             out.append(chunk)
         return b"".join(out)
 
+    def key_update(self, *, request: bool = False) -> None:
+        """Send a TLS 1.3 KeyUpdate (record layer only: after the hand-off)."""
+        self._check_usable()
+        if self._rl is None:
+            raise LocalProtocolError("key_update needs a session handed off to the record layer")
+        self._rl.key_update(request=request)
+
+    def close(self) -> None:
+        """Send close_notify."""
+        if self._failed is not None:
+            return
+        if self._rl is not None:
+            self._rl.close()
+            return
+        assert self._conn is not None
+        try:
+            self._conn.shutdown()
+        except SSL.Error:  # pragma: no cover - shutdown on a memory BIO wants no more
+            pass
+
     # -- session facts ---------------------------------------------------------------
 
     def export_keying_material(self, label: bytes, length: int) -> bytes:
@@ -702,6 +899,9 @@ class TLSChannel:
             raise LocalProtocolError("keying material can only be exported after the handshake")
         if not 0 < length <= 4096:
             raise ValidationError(f"EKM length must be 1..4096, got {length}")
+        if self._rl is not None:
+            return self._rl.export(label, length)
+        assert self._conn is not None
         try:
             return self._conn.export_keying_material(label, length, None)
         except SSL.Error as e:  # pragma: no cover - OpenSSL refuses only odd labels
@@ -709,29 +909,100 @@ class TLSChannel:
 
     @property
     def peer_certificate(self) -> x509.Certificate | None:
+        if self._facts is not None:
+            der = self._facts[3]
+            return x509.load_der_x509_certificate(der) if der is not None else None
+        assert self._conn is not None
         return self._conn.get_peer_certificate(as_cryptography=True)
+
+    def _peer_facts(self) -> tuple[bytes | None, str | None]:
+        """(DER, CN) of the peer certificate, looked up once the handshake is done."""
+        if self._peer is not None:
+            return self._peer
+        assert self._conn is not None
+        cert = self._conn.get_peer_certificate(as_cryptography=True)
+        facts = (None, None) if cert is None else \
+            (cert.public_bytes(serialization.Encoding.DER), _common_name(cert))
+        if self.handshake_complete:
+            self._peer = facts
+        return facts
 
     @property
     def peer_common_name(self) -> str | None:
-        cert = self.peer_certificate
-        return _common_name(cert) if cert is not None else None
+        if self._facts is not None:
+            return self._facts[4]
+        return self._peer_facts()[1]
 
     @property
     def cipher_name(self) -> str | None:
+        if self._facts is not None:
+            return self._facts[1]
+        assert self._conn is not None
         return self._conn.get_cipher_name()
+
+    @staticmethod
+    def _group_from(conn: SSL.Connection) -> str | None:
+        try:
+            return conn.get_group_name()
+        except NotImplementedError:  # pragma: no cover - binding without SSL_get0_group_name
+            return None
 
     @property
     def group_name(self) -> str | None:
         """The key-exchange group (``X25519``, ``secp384r1``…) once negotiated."""
         if not self.handshake_complete:
             return None
-        try:
-            return self._conn.get_group_name()
-        except NotImplementedError:  # pragma: no cover - binding without SSL_get0_group_name
-            return None
+        if self._facts is not None:
+            return self._facts[2]
+        assert self._conn is not None
+        return self._group_from(self._conn)
 
     @property
     def version(self) -> str | None:
         """``TLSv1.3`` / ``TLSv1.2`` once negotiated."""
-        v = self._conn.get_protocol_version_name()
-        return v if self.handshake_complete else None
+        if not self.handshake_complete:
+            return None
+        if self._facts is not None:
+            return self._facts[0]
+        assert self._conn is not None
+        return self._conn.get_protocol_version_name()
+
+
+_CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
+_SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
+_EXPORTER_SECRET = b"EXPORTER_SECRET"
+_HANDOFF_SECRETS = (_CLIENT_SECRET, _SERVER_SECRET, _EXPORTER_SECRET)
+_bio_get_mem_data = getattr(_lib, "BIO_get_mem_data", None)
+
+
+def _drain(conn: SSL.Connection) -> bytes:
+    """Everything in the connection's outgoing memory BIO."""
+    out = []
+    if _bio_get_mem_data is not None:
+        # ask the memory BIO how much it holds: an empty bio_read() costs an exception
+        while (n := int(_bio_get_mem_data(conn._from_ssl, _ffi.NULL))) > 0:  # noqa: SLF001
+            try:
+                chunk = conn.bio_read(n)
+            except SSL.Error:  # pragma: no cover - memory BIO read cannot fail otherwise
+                break
+            if not chunk:  # pragma: no cover - the BIO said it had n bytes
+                break
+            out.append(chunk)
+    else:  # pragma: no cover - every pyOpenSSL binding has BIO_get_mem_data
+        while True:
+            try:
+                chunk = conn.bio_read(_READ_CHUNK)
+            except SSL.Error:
+                break
+            if not chunk:
+                break
+            out.append(chunk)
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _bio_pending(bio: Any) -> int:
+    """Bytes waiting in a memory BIO (1 if the binding cannot tell: no hand-off then)."""
+    if _bio_get_mem_data is None:  # pragma: no cover - every pyOpenSSL binding has it
+        return 1
+    return int(_bio_get_mem_data(bio, _ffi.NULL))
+
