@@ -397,6 +397,13 @@ def serve(daemon: Any, loop: Loop, *, control: Any = None, status_file: Any = No
             except OSError as exc:
                 log.warning("status file %s: %s", status_file.path, exc)
 
+    def deadline() -> float | None:
+        # the status file is due on time too, not at the next wake-up after it
+        d = daemon.deadline()
+        if status_file is None:
+            return d
+        return state["next_status"] if d is None else min(d, state["next_status"])
+
     def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
@@ -420,7 +427,7 @@ def serve(daemon: Any, loop: Loop, *, control: Any = None, status_file: Any = No
             log.warning("status file %s: %s", status_file.path, exc)
     try:
         drop_privileges(user, group)
-        loop.run(daemon.deadline, on_wake)
+        loop.run(deadline, on_wake)
     finally:
         if state["status_writer"] is not None:
             state["status_writer"].close()

@@ -222,3 +222,55 @@ def test_status_file_still_written_after_dropping_privileges(tmp_path) -> None:
         assert "CLIENT_LIST,user1," in path.read_text()
     finally:
         w.close()
+
+
+def test_status_file_is_written_on_time_when_nothing_else_wakes_the_loop(tmp_path) -> None:
+    """An idle daemon (no timers) still rewrites the status file every interval, not
+    at the next housekeeping wake-up after it (which could be a second late)."""
+    import signal
+
+    from bsd_ovpn.config import StatusFile
+    from bsd_ovpn.daemon.loop import serve
+
+    path = tmp_path / "status"
+    writes: list[float] = []
+    loop = Loop()
+
+    class Idle:
+        def deadline(self):
+            return None
+
+        def wake(self, now):
+            pass
+
+        def shutdown_done(self):
+            return True
+
+        def finished(self):
+            return False
+
+        def begin_shutdown(self, now):
+            loop.stop()
+
+        def exit_status(self):
+            return 0
+
+        def status(self):
+            writes.append(loop.clock())
+            if len(writes) >= 5:
+                loop.stop()
+            return sample()
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                             signal.SIGUSR2)}
+    try:
+        start = loop.clock()
+        assert serve(Idle(), loop, status_file=StatusFile(str(path), 0.2)) == 0
+    finally:
+        loop.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert len(writes) == 5
+    # five writes 0.2 s apart: about 0.8 s; waiting for 1-second wake-ups takes 4 s
+    assert writes[-1] - start < 2.0
+    assert "alice,192.0.2.2:40000" in path.read_text()
