@@ -91,14 +91,37 @@ def _flip(data: bytes, seed: int) -> bytes:
 
 # ============================================================================ nvlist
 
+def _nv_reference(data: bytes, flags: int, nfds: int) -> Any:
+    """``nv.unpack`` read pair by pair (shape templates off): an NVList or the NVError text."""
+    saved = nv._templates_on
+    nv._templates_on = False
+    try:
+        return nv.unpack(data, flags=flags, nfds=nfds)
+    except nv.NVError as exc:
+        return str(exc)
+    finally:
+        nv._templates_on = saved
+
+
 def nv_unpack(data: bytes) -> None:
-    """``nv.unpack``: NVError only; what unpacks re-packs to a fixed point."""
+    """``nv.unpack``: NVError only; what unpacks re-packs to a fixed point.
+
+    Also: the template fast path (a buffer shaped like one seen before,
+    e.g. a mutated corpus entry) gives exactly the slow path's result or
+    error.
+    """
     flags = data[2] & nv.NV_FLAG_PUBLIC_MASK if len(data) > 2 else 0
     nfds = 4 if len(data) % 2 else 0          # reach the descriptor checks too
+    reference = _nv_reference(data, flags, nfds)
     try:
-        nvl = nv.unpack(data, flags=flags, nfds=nfds)
-    except nv.NVError:
+        nv.unpack(data, flags=flags, nfds=nfds)        # learns the shape, if it can
+        nvl = nv.unpack(data, flags=flags, nfds=nfds)  # ... and reads it by template
+    except nv.NVError as exc:
+        _check(str(exc) == reference, f"template path error {exc} differs from {reference!r}")
         return
+    _check(isinstance(reference, nv.NVList) and reference == nvl
+           and reference.byteorder == nvl.byteorder,
+           f"template path result differs from the reference ({reference!r})")
     packed = nv.pack(nvl, byteorder=nvl.byteorder)
     again = nv.unpack(packed, flags=flags, nfds=nfds)
     _check(again == nvl, "unpack(pack(unpack(b))) differs from unpack(b)")
