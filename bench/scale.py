@@ -96,7 +96,7 @@ TARGET_KB_PER_CLIENT = 40.0
 # --------------------------------------------------------------------------- config
 
 def server_config(*, pki: PKI, tls_crypt: Path, dev: str, status: Path, ipv6: bool,
-                  ipv4_pool: bool, stock: bool) -> str:
+                  ipv4_pool: bool, stock: bool, tls_groups: str | None = None) -> str:
     """The one server config both servers read (stock gets one extra line, see module doc)."""
     cred = pki.server()
     lines = [
@@ -117,6 +117,7 @@ def server_config(*, pki: PKI, tls_crypt: Path, dev: str, status: Path, ipv6: bo
         f"key {cred.key_path}",
         "dh none",
         f"tls-crypt {tls_crypt}",
+        *([f"tls-groups {tls_groups}"] if tls_groups else []),
         "data-ciphers AES-256-GCM",
         "keepalive 10 60",
         "max-clients 2000",
@@ -174,6 +175,13 @@ def udp_counters(host: Host) -> dict[str, int]:
         if len(parts) == 2 and parts[0].startswith("Udp6"):
             out[parts[0]] = int(parts[1])
     return out
+
+
+def udp_datagrams(before: dict[str, int], after: dict[str, int]) -> tuple[int, int]:
+    """(received, sent) UDP datagrams (IPv4 + IPv6) between two samples."""
+    def delta(*keys: str) -> int:
+        return sum(after.get(k, 0) - before.get(k, 0) for k in keys)
+    return delta("InDatagrams", "Udp6InDatagrams"), delta("OutDatagrams", "Udp6OutDatagrams")
 
 
 def udp_drops(before: dict[str, int], after: dict[str, int]) -> int:
@@ -352,6 +360,7 @@ class RunResult:
     server_label: str = ""
     any_data_after: int = 0
     server_udp_drops: int = 0
+    server_datagrams: tuple[int, int] = (0, 0)
     client_udp_drops: int = 0
     error: str | None = None
 
@@ -384,6 +393,7 @@ class RunResult:
                 "distinct_peer_ids": self.peer_ids, "loadavg_at_start": self.loadavg,
                 "server_udp_rcvbuf_bytes": self.rcvbufs,
                 "server_udp_rcvbuf_drops_connect": self.server_udp_drops,
+                "server_datagrams_in_out_connect": list(self.server_datagrams),
                 "client_udp_rcvbuf_drops_connect": self.client_udp_drops,
                 "error": self.error}
 
@@ -397,7 +407,8 @@ def run_one(kind: str, lab_hosts: tuple[Host, Host], workdir: Path, args: argpar
     srv_host, cli_host = lab_hosts
     status = workdir / "status.txt"
     conf = server_config(pki=pki, tls_crypt=tls_crypt, dev=unique_dev_name(), status=status,
-                         ipv6=args.ipv6, ipv4_pool=args.ipv4_pool, stock=(kind == "stock"))
+                         ipv6=args.ipv6, ipv4_pool=args.ipv4_pool, stock=(kind == "stock"),
+                         tls_groups=args.tls_groups)
     server: ServerUnderTest = (StockServer if kind == "stock" else OvpnctlServer)(
         srv_host, workdir, conf)
     res = RunResult(server.name, len(plan.clients))
@@ -427,7 +438,9 @@ def run_one(kind: str, lab_hosts: tuple[Host, Host], workdir: Path, args: argpar
         res.connect = gen.connect(timeout=args.timeout)
         res.server_cpu_connect = server.cpu() - cpu0
         res.gen_cpu_connect = sum(cpu_seconds(p) for p in gen.pids) - gcpu0
-        res.server_udp_drops = udp_drops(su0, udp_counters(srv_host))
+        su1 = udp_counters(srv_host)
+        res.server_udp_drops = udp_drops(su0, su1)
+        res.server_datagrams = udp_datagrams(su0, su1)
         res.client_udp_drops = udp_drops(cu0, udp_counters(cli_host))
         print("  " + res.connect.summary(), flush=True)
         recs = gen.records
@@ -508,6 +521,9 @@ def print_table(results: list[RunResult]) -> None:
                                              if c and c.done else math.nan, " ms", 2),
             "generator CPU during connect": _fmt(r.gen_cpu_connect, " s", 2),
             "UDP rcvbuf drops srv/gen": f"{r.server_udp_drops}/{r.client_udp_drops}",
+            "server datagrams in/out": (f"{r.server_datagrams[0] / r.n:.1f}/"
+                                        f"{r.server_datagrams[1] / r.n:.1f} per client"
+                                        if r.n else "n/a"),
             "server UDP rcvbuf": "/".join(f"{b // 1024} KiB" for b in r.rcvbufs) or "n/a",
             "server RSS idle": f"{r.rss_idle.get('VmRSS', 'n/a')} KiB",
             "server RSS connected": f"{r.rss_connected.get('VmRSS', 'n/a')} KiB",
@@ -629,6 +645,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", type=float, default=12.0,
                     help="idle seconds after the rekey (> keepalive 10 s: the server's pings "
                          "prove the new keys)")
+    ap.add_argument("--tls-groups", default=None,
+                    help="a tls-groups line for both servers, e.g. X25519 (default: none, "
+                         "each server's OpenSSL picks: ours, on OpenSSL 3.5+, the X25519MLKEM768 "
+                         "hybrid the generator offers first; Debian's stock openvpn on OpenSSL "
+                         "3.0 has no ML-KEM and picks X25519)")
     ap.add_argument("--no-rekey", action="store_true")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the servers this many times (ratios use the medians)")

@@ -29,8 +29,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 from typing import Any
+
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from bsd_ovpn.errors import LocalProtocolError, RemoteProtocolError
 
@@ -103,19 +106,13 @@ def alert_name(desc: int) -> str:
 _HASHES = {"sha256": hashlib.sha256, "sha384": hashlib.sha384}
 
 
+_KDF_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384}
+
+
 def _hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-Expand (RFC 5869 §2.3) with the stdlib's HMAC, keyed once per call."""
-    keyed = hmac.new(prk, digestmod=_HASHES[hash_name])
-    out = b""
-    block = b""
-    i = 1
-    while len(out) < length:
-        h = keyed.copy()
-        h.update(block + info + bytes((i,)))
-        block = h.digest()
-        out += block
-        i += 1
-    return out[:length]
+    """HKDF-Expand (RFC 5869 §2.3): cryptography's, a few times faster than an HMAC loop
+    in Python for the 256-byte EKM exports every new session makes."""
+    return HKDFExpand(_KDF_HASHES[hash_name](), length, info).derive(prk)
 
 
 def hkdf_expand_label(hash_name: str, secret: bytes, label: bytes, context: bytes,
