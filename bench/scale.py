@@ -15,8 +15,15 @@ For each server, in that order: (a) stock ``openvpn``, (b) ``ovpnctl server``
 
     proto udp, local 192.0.2.1, dev tun, topology subnet,
     server-ipv6 2001:db8:100::/64     (IPv6-only pool: see below)
-    ca/cert/key (ECDSA P-256), dh none, tls-crypt, data-ciphers AES-256-GCM,
-    keepalive 10 60, max-clients 2000, rcvbuf 2097152, verb 1, disable-dco, status FILE 1
+    ca/cert/key (ECDSA P-256), dh none, tls-crypt, tls-groups X25519,
+    data-ciphers AES-256-GCM, keepalive 10 60, max-clients 2000, rcvbuf 2097152,
+    verb 1, disable-dco, status FILE 1
+
+(``tls-groups X25519``: the generator's OpenSSL offers the X25519MLKEM768
+post-quantum hybrid first; our server's OpenSSL (3.5+) would take it and
+Debian's stock openvpn (OpenSSL 3.0) cannot, so without the line the two
+servers would do different key exchanges -- the hybrid costs more CPU and
+two more kilobytes per handshake.  ``--tls-groups default`` leaves it out.)
 
 (``ovpnctl server`` sizes its UDP receive buffer to 2 MiB by itself and
 ignores ``rcvbuf``; the line gives stock the same buffer -- 4 MiB effective
@@ -408,7 +415,7 @@ def run_one(kind: str, lab_hosts: tuple[Host, Host], workdir: Path, args: argpar
     status = workdir / "status.txt"
     conf = server_config(pki=pki, tls_crypt=tls_crypt, dev=unique_dev_name(), status=status,
                          ipv6=args.ipv6, ipv4_pool=args.ipv4_pool, stock=(kind == "stock"),
-                         tls_groups=args.tls_groups)
+                         tls_groups=None if args.tls_groups == "default" else args.tls_groups)
     server: ServerUnderTest = (StockServer if kind == "stock" else OvpnctlServer)(
         srv_host, workdir, conf)
     res = RunResult(server.name, len(plan.clients))
@@ -645,11 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", type=float, default=12.0,
                     help="idle seconds after the rekey (> keepalive 10 s: the server's pings "
                          "prove the new keys)")
-    ap.add_argument("--tls-groups", default=None,
-                    help="a tls-groups line for both servers, e.g. X25519 (default: none, "
-                         "each server's OpenSSL picks: ours, on OpenSSL 3.5+, the X25519MLKEM768 "
-                         "hybrid the generator offers first; Debian's stock openvpn on OpenSSL "
-                         "3.0 has no ML-KEM and picks X25519)")
+    ap.add_argument("--tls-groups", default="X25519",
+                    help="the tls-groups line both servers get (default X25519: the same key "
+                         "exchange on both sides; 'default' = no line, each server's OpenSSL "
+                         "picks: ours, on OpenSSL 3.5+, the X25519MLKEM768 hybrid the generator "
+                         "offers first, which costs more CPU and bytes; Debian's stock openvpn "
+                         "on OpenSSL 3.0 has no ML-KEM and picks X25519)")
     ap.add_argument("--no-rekey", action="store_true")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the servers this many times (ratios use the medians)")
