@@ -560,6 +560,14 @@ def print_table(results: list[RunResult]) -> None:
             print(f"NOTE: against {r.server} the generator used more CPU "
                   f"({r.gen_cpu_connect:.2f} s) than the server ({r.server_cpu_connect:.2f} s): "
                   "on 2 shared cores its figures are a lower bound of what the server can do")
+    if any(r.server == "ovpnctl server" and r.rekey and r.new_key_data == 0
+           and r.any_data_after == r.n for r in results):
+        print("NOTE: 'clients w/ data on new key' is 0 for ovpnctl server by design: like OpenVPN "
+              "2.6 with DCO (dco-freebsd-openvpn.md §5 step 3) it installs the new key at once "
+              "(clients send on it) but moves its own sending to it only at the new key's "
+              "auth_deferred_expire, min(hand-window, reneg-sec/2) = 60 s after the rekey; the "
+              "--verify window ends before that (every client did get data after the rekey, "
+              "on the old key)")
     print()
     stock = [r for r in results if r.server == "stock openvpn" and r.connect is not None]
     ours = [r for r in results if r.server == "ovpnctl server" and r.connect is not None]
