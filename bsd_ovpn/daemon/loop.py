@@ -343,6 +343,28 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         log.info("dropped privileges to user %s group %s", user or "-", group or "-")
 
 
+#: gen-0 threshold of the cycle collector in a server daemon (CPython's default is 700)
+SERVER_GC_THRESHOLD = 20000
+
+
+def tune_gc_for_server() -> None:
+    """Make the cycle collector cheap for a daemon holding thousands of sessions.
+
+    The default collects generation 0 every 700 net allocations, and a handshake
+    allocates thousands of short-lived objects (packets, records, events), none
+    of them in cycles: with 1000 clients connecting, ~0.1 ms per handshake went
+    to collections that found almost nothing.  Objects built at start-up
+    (config, contexts, modules) are moved out of the collector's sight for good
+    (gc.freeze), and generation 0 is collected every SERVER_GC_THRESHOLD
+    allocations instead; collection stays on, so real cycles are still freed.
+    """
+    import gc
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(SERVER_GC_THRESHOLD, g1, g2)
+
+
 def thread(target: Callable[[], None], name: str) -> threading.Thread:
     t = threading.Thread(target=target, name=name, daemon=True)
     t.start()

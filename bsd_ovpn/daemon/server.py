@@ -943,7 +943,7 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
                control_socket: str | None = None) -> int:
     """``ovpnctl server``: set everything up, serve until SIGTERM, remove everything."""
     from bsd_ovpn.daemon.control import ControlServer, default_socket_path
-    from bsd_ovpn.daemon.loop import Loop, create_interface, serve
+    from bsd_ovpn.daemon.loop import Loop, create_interface, serve, tune_gc_for_server
     from bsd_ovpn.daemon.stale import InterfaceLedger
     from bsd_ovpn.engine.steering import make_udp_socket
     from bsd_ovpn.engines import engine_kind, open_transport
@@ -1012,6 +1012,7 @@ def run_server(config_path: str, *, engine: str = "auto", engine_socket: str | N
                 f.write(f"{os.getpid()}\n")
         log.info("server %s: interface %s, listening on %s, engine %s", cfg.path, ifc.name,
                  format_addr(sock.getsockname()), daemon.engine)
+        tune_gc_for_server()
         return serve(daemon, loop, control=control, status_file=cfg.status,
                      status_version=cfg.status_version, user=cfg.user, group=cfg.group,
                      shutdown_linger=SHUTDOWN_LINGER)

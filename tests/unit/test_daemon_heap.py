@@ -52,3 +52,19 @@ def test_release_free_heap_gives_holes_back_on_glibc() -> None:
     assert release_free_heap() is True
     assert before - _rss_kib() > 15 * 1024, "malloc_trim gave back less than 15 MiB"
     del junk
+
+
+def test_server_gc_tuning_freezes_startup_objects_and_raises_gen0() -> None:
+    """Run in a child: the collector settings are process-wide."""
+    import subprocess
+    import sys
+    code = ("import gc\n"
+            "from bsd_ovpn.daemon.loop import SERVER_GC_THRESHOLD, tune_gc_for_server\n"
+            "before = gc.get_freeze_count()\n"
+            "tune_gc_for_server()\n"
+            "assert gc.isenabled()\n"
+            "assert gc.get_threshold()[0] == SERVER_GC_THRESHOLD, gc.get_threshold()\n"
+            "assert gc.get_freeze_count() > before\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
