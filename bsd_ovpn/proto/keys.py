@@ -90,8 +90,11 @@ class KeySource:
     @classmethod
     def generate(cls, client: bool) -> KeySource:
         """Fresh randoms from the OS CSPRNG; pre_master only for a client."""
-        return cls(pre_master=os.urandom(PRE_MASTER_SIZE) if client else b"",
-                   random1=os.urandom(RANDOM_SIZE), random2=os.urandom(RANDOM_SIZE))
+        # one getrandom() call for all of it (every handshake makes one per side)
+        pre = PRE_MASTER_SIZE if client else 0
+        raw = os.urandom(pre + 2 * RANDOM_SIZE)
+        return cls(pre_master=raw[:pre], random1=raw[pre:pre + RANDOM_SIZE],
+                   random2=raw[pre + RANDOM_SIZE:])
 
     def __repr__(self) -> str:  # never put key material into logs by accident
         return f"KeySource(client={bool(self.pre_master)})"

@@ -210,23 +210,6 @@ def _split_inner(inner: bytes) -> tuple[int, bytes] | None:
     return inner[end - 1], inner[:end - 1]
 
 
-def _records(buf: bytearray) -> list[tuple[bytes, bytes]]:
-    """Take the complete records off the front of ``buf``: (header, body) pairs."""
-    out = []
-    pos = 0
-    n = len(buf)
-    while n - pos >= _HEADER:
-        length = int.from_bytes(buf[pos + 3:pos + 5], "big")
-        if n - pos < _HEADER + length:
-            break
-        end = pos + _HEADER + length
-        out.append((bytes(buf[pos:pos + _HEADER]), bytes(buf[pos + _HEADER:end])))
-        pos += _HEADER + length
-    if pos:
-        del buf[:pos]
-    return out
-
-
 # --------------------------------------------------------------------------- counting
 
 class RecordCounter:
@@ -284,15 +267,26 @@ class RecordCounter:
             self.lost = "record larger than TLS allows"
             self._buf = bytearray()
             return
-        for header, body in _records(self._buf):
-            if header[0] != CT_APPLICATION_DATA:
+        buf = self._buf
+        pos = 0
+        n = len(buf)
+        # records are sliced out only when they must be decrypted (or wait to be)
+        while n - pos >= _HEADER:
+            end = pos + _HEADER + ((buf[pos + 3] << 8) | buf[pos + 4])
+            if end > n:
+                break
+            ctype = buf[pos]
+            start, pos = pos, end
+            if ctype != CT_APPLICATION_DATA:
                 if self.started:
-                    self.lost = f"plaintext record type {header[0]} after the handshake"
+                    self.lost = f"plaintext record type {ctype} after the handshake"
                 continue            # ClientHello/ServerHello, change_cipher_spec, plain alert
             if handshake:
                 if self.started:
                     self.lost = "handshake record after an application record"
                 continue
+            header = bytes(buf[start:start + _HEADER])
+            body = bytes(buf[start + _HEADER:end])
             if self.keys is None:
                 self._waiting.append((header, body))
                 self._waiting_bytes += len(body)
@@ -301,7 +295,11 @@ class RecordCounter:
                 continue
             self._check(header, body)
             if self.lost is not None:
-                return
+                break
+        if self.lost is not None:
+            self._buf = bytearray()
+        elif pos:
+            del buf[:pos]
 
     def _check(self, header: bytes, body: bytes) -> None:
         keys = self.keys

@@ -523,9 +523,13 @@ class Session:
         return [k for k in (self.primary, self.lame_duck) if k is not None]
 
     def _key_state_by_id(self, key_id: int) -> KeyState | None:
-        for k in self._key_states():
-            if k.key_id == key_id:
-                return k
+        # no list of key states: this runs for every control packet
+        k = self.primary
+        if k is not None and k.key_id == key_id:
+            return k
+        k = self.lame_duck
+        if k is not None and k.key_id == key_id:
+            return k
         return None
 
     def _new_key_state(self, now: float, *, first_send_id: int = 0,
@@ -686,19 +690,23 @@ class Session:
 
     def _fill_send_window(self, ks: KeyState) -> None:
         """Cut pending TLS ciphertext into P_CONTROL_V1 packets while the window allows."""
+        room0 = 0                           # the room without a WKc, computed on first use
         while ks.tls_out and ks.send.can_send():
             opcode = Opcode.P_CONTROL_V1
-            extra = 0
             if ks.send.next_id == 1 and ks.key_id == 0 and not self.server and self.resend_wkc:
                 opcode = Opcode.P_CONTROL_WKC_V1
-                extra = len(getattr(self.wrap, "wkc", b"") or b"")
-            room = control_payload_room(
-                wrap_overhead=int(getattr(self._wrap_for(ks.key_id), "overhead", 0)),
-                n_acks=CONTROL_SEND_ACK_MAX, max_packet_size=self.settings.max_packet_size,
-                ipv6=self.settings.ipv6, extra=extra)
+                room = self._control_room(ks, len(getattr(self.wrap, "wkc", b"") or b""))
+            else:
+                room = room0 = room0 or self._control_room(ks, 0)
             chunk = bytes(ks.tls_out[:room])
             del ks.tls_out[:room]
             ks.send.add(opcode, chunk)
+
+    def _control_room(self, ks: KeyState, extra: int) -> int:
+        return control_payload_room(
+            wrap_overhead=int(getattr(self._wrap_for(ks.key_id), "overhead", 0)),
+            n_acks=CONTROL_SEND_ACK_MAX, max_packet_size=self.settings.max_packet_size,
+            ipv6=self.settings.ipv6, extra=extra)
 
     def _tls_failed(self, ks: KeyState, exc: Exception) -> None:
         # flush what the TLS engine wants to say (an alert) before giving up

@@ -46,6 +46,8 @@ _CLIENT_CERT_MODES = {"require": "require", "required": "require", "optional": "
                       "none": "none"}
 _X509_NAME_TYPES = ("subject", "name", "name-prefix")
 _X509_V_ERR_INVALID_PURPOSE = 26
+#: leaf verdicts kept per TLSConfig (the DER is the object the sessions keep anyway)
+_LEAF_CACHE_SIZE = 1024
 
 # Fallback words for the X509_V_ERR_* codes we expect, used only if the
 # OpenSSL binding does not expose X509_verify_cert_error_string.
@@ -385,6 +387,10 @@ class TLSConfig:
     _cipher_list: bytes = field(default=_TLS12_CIPHERS, init=False, repr=False)
     _ciphersuites: bytes | None = field(default=None, init=False, repr=False)
     _groups: bytes | None = field(default=None, init=False, repr=False)
+    #: leaf certificate DER -> (problem, CN, the DER itself): see _leaf_verdict
+    _leaf_cache: dict[bytes, tuple[str | None, str | None, bytes]] = field(
+        default_factory=dict, init=False, repr=False)
+    _leaf_policy: tuple[Any, ...] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.verify_x509_name = _as_verify_name(self.verify_x509_name)
@@ -499,13 +505,13 @@ class TLSConfig:
     def _verify_callback(self, conn: SSL.Connection, cert: crypto.X509, errnum: int,
                          depth: int, ok: int) -> bool:
         """OpenSSL's chain verdict plus OpenVPN's leaf checks; records why it failed."""
+        if ok and depth:
+            return True                 # a CA that OpenSSL accepted needs no look
         ref = conn.get_app_data()
         channel = ref() if isinstance(ref, weakref.ref) else None
         try:
-            # a CA that OpenSSL accepted needs no look (and no conversion)
-            ccert = cert.to_cryptography() if not ok or depth == 0 else None
             if not ok:
-                assert ccert is not None
+                ccert = cert.to_cryptography()
                 reason = (f"certificate verify failed: {_verify_error(errnum)} (depth {depth}, "
                           f"subject {format_subject(ccert.subject)})")
                 if errnum == _X509_V_ERR_INVALID_PURPOSE:
@@ -513,15 +519,12 @@ class TLSConfig:
                         else "server"
                     reason += (f": its extendedKeyUsage does not allow use as a TLS {role} "
                                "certificate")
-            elif depth == 0:
-                assert ccert is not None
-                reason = self._leaf_problem(ccert)
+            else:
+                reason, cn, der = self._leaf_verdict(
+                    crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
                 if reason is None and isinstance(channel, TLSChannel):
                     # the peer's certificate facts, so they need not be fetched again
-                    channel._peer = (ccert.public_bytes(serialization.Encoding.DER),
-                                     _common_name(ccert))
-            else:
-                reason = None
+                    channel._peer = (der, cn)
         except Exception as e:  # never let an exception escape into OpenSSL
             reason = f"certificate verify failed: cannot inspect certificate ({e})"
         if reason is not None:
@@ -529,6 +532,31 @@ class TLSConfig:
                 channel._verify_failure = reason
             return False
         return True
+
+    def _leaf_verdict(self, der: bytes) -> tuple[str | None, str | None, bytes]:
+        """(why the leaf ``der`` fails our checks or None, its CN, ``der``), cached per DER.
+
+        The verdict is a pure function of the certificate and this config's
+        leaf policy, while OpenSSL's own chain checks (signatures, validity,
+        CRLs) run on every handshake regardless; so a client that rekeys or
+        reconnects costs the parse and the extension checks once.  The DER
+        returned is the cached object, so the sessions of one client share it.
+        """
+        policy = (self.remote_cert_tls, self.remote_cert_eku, self.verify_x509_name)
+        cache = self._leaf_cache
+        if policy != self._leaf_policy:         # the policy was changed: forget verdicts
+            cache.clear()
+            self._leaf_policy = policy
+        hit = cache.get(der)
+        if hit is not None:
+            return hit
+        cert = x509.load_der_x509_certificate(der)
+        reason = self._leaf_problem(cert)
+        verdict = (reason, _common_name(cert) if reason is None else None, der)
+        if len(cache) >= _LEAF_CACHE_SIZE:
+            del cache[next(iter(cache))]        # the oldest entry (insertion order)
+        cache[der] = verdict
+        return verdict
 
     def _leaf_problem(self, cert: x509.Certificate) -> str | None:
         want = self.remote_cert_tls
@@ -563,6 +591,8 @@ class TLSConfig:
 def _keylog_callback(conn: SSL.Connection, line: bytes) -> None:
     """Route OpenSSL's key log line to its channel (never raises into OpenSSL)."""
     try:
+        if not line.startswith(_HANDOFF_PREFIXES):
+            return                      # a handshake-epoch secret: the hand-off needs none
         ref = conn.get_app_data()
         channel = ref() if isinstance(ref, weakref.ref) else None
         if isinstance(channel, TLSChannel):
@@ -684,8 +714,8 @@ class TLSChannel:
 
     def _keylog(self, line: bytes) -> None:
         """OpenSSL's key log line (NSS format): keep the secrets the hand-off needs."""
-        if self._secrets is None:
-            return
+        if self._secrets is None or not line.startswith(_HANDOFF_PREFIXES):
+            return                      # the two handshake secrets are of no use here
         parts = line.split()
         if len(parts) == 3 and parts[0] in _HANDOFF_SECRETS:
             try:
@@ -803,9 +833,10 @@ class TLSChannel:
         assert conn is not None
         data = _drain(conn)
         if self._count_out is not None:
-            self._give_counters_keys()
-            # before do_handshake() succeeded OpenSSL wrote only handshake-epoch records
-            self._count_out.feed(data, handshake=not self.handshake_complete)
+            if data:
+                self._give_counters_keys()
+                # before do_handshake() succeeded OpenSSL wrote only handshake-epoch records
+                self._count_out.feed(data, handshake=not self.handshake_complete)
             if self.handshake_complete:
                 self.release_openssl()
         return data
@@ -972,6 +1003,7 @@ _CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
 _SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
 _EXPORTER_SECRET = b"EXPORTER_SECRET"
 _HANDOFF_SECRETS = (_CLIENT_SECRET, _SERVER_SECRET, _EXPORTER_SECRET)
+_HANDOFF_PREFIXES = tuple(name + b" " for name in _HANDOFF_SECRETS)
 _bio_get_mem_data = getattr(_lib, "BIO_get_mem_data", None)
 
 

@@ -201,6 +201,54 @@ def test_remote_cert_tls_client_on_server(pki: PKI) -> None:
     assert "does not allow use as a TLS client certificate" in msg
 
 
+def test_leaf_verdicts_are_cached_per_certificate_and_policy(pki: PKI,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """A rekeying client's certificate is parsed once; the verdict, the CN and the
+    messages stay the same, a policy change forgets old verdicts, the cache is bounded."""
+    import bsd_ovpn.proto.tls as tls_mod
+    srv_cfg = _cfg(pki, pki.server(), remote_cert_tls="client")
+    alice = _cfg(pki, pki.client("alice"))
+    bad = _cfg(pki, pki.issue("no-eku-client2", usage="none"))
+    first, _ = _connect(srv_cfg, alice)
+    second, _ = _connect(srv_cfg, alice)
+    assert first.peer_common_name == second.peer_common_name == "alice"
+    assert len(srv_cfg._leaf_cache) == 1
+    # both sessions hold the one cached copy of the DER, which is the real certificate
+    assert first._peer is not None and second._peer is not None
+    assert first._peer[0] is second._peer[0]
+    assert second.peer_certificate is not None and \
+        second.peer_certificate.subject.rfc4514_string() == "CN=alice"
+    msgs = [_failure(srv_cfg, bad)[0] for _ in range(2)]
+    assert msgs[0] == msgs[1] and "lacks extendedKeyUsage clientAuth" in msgs[0]
+    assert len(srv_cfg._leaf_cache) == 2
+    # a new policy is not answered from verdicts made under the old one
+    srv_cfg.verify_x509_name = VerifyX509Name("bob", "name")
+    msg, _, _ = _failure(srv_cfg, alice)
+    assert msg == "verify-x509-name mismatch: peer CN 'alice' is not 'bob'"
+    assert len(srv_cfg._leaf_cache) == 1
+    # bounded: the oldest verdict goes first
+    monkeypatch.setattr(tls_mod, "_LEAF_CACHE_SIZE", 2)
+    srv_cfg.verify_x509_name = None
+    for name in ("c1", "c2", "c3"):
+        _connect(srv_cfg, _cfg(pki, pki.client(name)))
+    assert len(srv_cfg._leaf_cache) == 2
+    assert sorted(v[1] for v in srv_cfg._leaf_cache.values()) == ["c2", "c3"]
+
+
+def test_cached_certificate_is_still_checked_against_the_crl(pki: PKI) -> None:
+    """The cache holds only our leaf checks: OpenSSL's chain and CRL checks run every time."""
+    victim = pki.issue("later-revoked", usage="client")
+    srv_cfg = _cfg(pki, pki.server(), remote_cert_tls="client")
+    _connect(srv_cfg, _cfg(pki, victim))            # its verdict is now cached
+    pki.revoke(victim)
+    srv_cfg.crl = [Path(pki.crl()).read_bytes()]
+    srv_cfg._contexts.clear()                       # a reloaded CRL means a new context
+    msg, _, _ = _failure(srv_cfg, _cfg(pki, victim))
+    assert msg == ("certificate verify failed: certificate revoked "
+                   "(depth 0, subject CN=later-revoked)")
+
+
 @pytest.mark.parametrize("vxn,ok", [
     (VerifyX509Name("CN=server"), True),
     (VerifyX509Name("CN=serverX"), False),
