@@ -449,6 +449,90 @@ def datachannel(data: bytes) -> None:
         raise FuzzPropertyError("replayed data packet accepted")
 
 
+# ============================================================================ TLS 1.3 record layer
+
+_RECORD_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
+                  "TLS_CHACHA20_POLY1305_SHA256")
+
+
+def _record_pair(suite: str) -> tuple[Any, Any]:
+    """(peer, us): two RecordLayers with mirrored fixed secrets, as after a hand-off."""
+    from bsd_ovpn.proto.record import SUITES, RecordLayer
+    n = 48 if SUITES[suite][0] == "sha384" else 32
+    c2s, s2c, exp = bytes(range(n)), bytes(range(100, 100 + n)), bytes(range(50, 50 + n))
+    peer = RecordLayer(suite, server=False, read_secret=s2c, write_secret=c2s, read_seq=3,
+                       write_seq=5, exporter_secret=exp)
+    us = RecordLayer(suite, server=True, read_secret=c2s, write_secret=s2c, read_seq=5,
+                     write_seq=3, exporter_secret=exp)
+    return peer, us
+
+
+def record_layer(data: bytes) -> None:
+    """RecordLayer.receive after a TLS 1.3 hand-off: RecordError only.
+
+    Mode byte: bits 0-1 suite; bit 2 raw bytes (else the body is sent by the
+    legitimate peer as application data, a KeyUpdate when bit 5 is set); bit 3
+    corrupt one byte of the peer's records; bit 4 feed in two pieces (seed
+    byte: where).  Properties: the peer's records decrypt to what it wrote;
+    a corrupted record never authenticates; after a failure the layer stays
+    failed; our replies are readable by the peer.
+    """
+    from bsd_ovpn.errors import LocalProtocolError
+    from bsd_ovpn.proto.record import MAX_PLAINTEXT, RecordError
+    if len(data) < 2:
+        return
+    mode, seed, body = data[0], data[1], data[2:]
+    peer, us = _record_pair(_RECORD_SUITES[(mode & 3) % 3])
+    raw = bool(mode & 4)
+    corrupt = not raw and bool(mode & 8)
+    if raw:
+        wire = body
+    else:
+        if mode & 0x20:
+            peer.key_update(request=bool(seed & 1))
+        msgs = [body[i:i + MAX_PLAINTEXT] for i in range(0, len(body), MAX_PLAINTEXT)] or [b"x"]
+        for m in msgs:
+            if m:
+                peer.write(m)
+        wire = peer.outgoing()
+        if corrupt:
+            wire = _flip(wire, seed)
+    pieces = [wire]
+    if mode & 0x10 and len(wire) > 1:
+        cut = seed % len(wire)
+        pieces = [wire[:cut], wire[cut:]]
+    try:
+        for piece in pieces:
+            us.receive(piece)
+    except RecordError:
+        _check(us.failed is not None, "a RecordError left the layer usable")
+        try:
+            us.receive(b"\x17\x03\x03\x00\x20" + bytes(32))
+        except RecordError:
+            pass
+        else:
+            raise FuzzPropertyError("a failed record layer accepted more input")
+        if not raw and not corrupt:
+            raise FuzzPropertyError("the legitimate peer's records were refused")
+        return
+    got = []
+    while (chunk := us.read_record()):
+        got.append(chunk)
+    if not raw:
+        if corrupt:
+            # nothing may come out; a corrupted length can leave a record incomplete
+            _check(not got, "a record with a corrupted byte authenticated")
+            return
+        _check(b"".join(got) == b"".join(m for m in msgs if m),
+               "records did not decrypt to what the peer wrote")
+    try:
+        us.write(b"reply")
+    except LocalProtocolError:
+        return                                  # we already sent close_notify / an alert
+    peer.receive(us.outgoing())
+    _check(peer.read_record() == b"reply", "the peer could not read our reply")
+
+
 # ============================================================================ config
 
 _CONFIG_DIR = tempfile.mkdtemp(prefix="bsd_ovpn_fuzz_cfg_")
@@ -1043,6 +1127,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "keymethod": keymethod,
     "push": push,
     "datachannel": datachannel,
+    "record_layer": record_layer,
     "config": config,
     "engine_commands": engine_commands,
     "server_endpoint": server_endpoint,
