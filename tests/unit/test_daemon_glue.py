@@ -782,3 +782,39 @@ def test_client_records_and_releases_its_interface_owner(files, tmp_path) -> Non
     n.d.close()
     assert list(owners.iterdir()) == []
     n.close()
+
+
+def test_server_sends_replies_during_a_long_batch(files) -> None:
+    """A batch that takes longer than PUMP_INTERVAL to process does not hold every reply
+    until its end: the first client's answer leaves before the last datagram is read."""
+    from bsd_ovpn.daemon.server import PUMP_INTERVAL
+    n = ServerNet(files)
+    addrs = [("192.0.2.2", 41000 + i) for i in range(4)]
+    sessions = [n.add_client(a)[0] for a in addrs]
+    batch = [(d, a, None) for s, a in zip(sessions, addrs) for d in s.datagrams_to_send(n.clock.t)]
+    assert len(batch) == 4
+    seen: list[int] = []
+    processed = 0
+    real_receive = n.d.endpoint.receive_datagram
+
+    def receive(*args, **kw):
+        nonlocal processed
+        processed += 1
+        return real_receive(*args, **kw)
+
+    n.d.endpoint.receive_datagram = receive
+    n.d.send = lambda data, addr: seen.append(processed)
+    ticks = iter(range(10_000))
+    n.d.clock = lambda: 1000.0 + next(ticks) * PUMP_INTERVAL   # each look: one interval later
+    n.d.datagrams_received(batch, n.clock.t)
+    assert len(seen) == 4                        # one reset answer per client ...
+    assert seen[0] < 4                           # ... the first sent mid-batch
+    # a clock that stands still (a fast batch): everything goes out once, at the end
+    seen.clear()
+    processed = 0
+    more = [n.add_client(("192.0.2.3", 42000 + i))[0] for i in range(4)]
+    batch = [(d, ("192.0.2.3", 42000 + i), None) for i, s in enumerate(more)
+             for d in s.datagrams_to_send(n.clock.t)]
+    n.d.clock = n.clock
+    n.d.datagrams_received(batch, n.clock.t)
+    assert seen == [4, 4, 4, 4]
