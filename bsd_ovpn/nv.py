@@ -927,8 +927,9 @@ def _pack_flat(out: bytearray, o: _Order, pairs: list[tuple[str, Any]],
 
     Whole if_ovpn requests and their nested lists are made of such pairs,
     and writing them here spares ``pack`` a stack frame and a restart of its
-    loop per list; ``pack`` goes on with the remaining pairs, if any.  Checks and errors are ``pack``'s; ``stack`` and ``list_name``
-    (None for the top-level list) only serve the error messages.
+    loop per list; ``pack`` goes on with the remaining pairs, if any.  Checks and
+    errors are ``pack``'s; ``stack`` and ``list_name`` (None for the top-level
+    list) only serve the error messages.
     """
     u64_pack, _, num_prefix, prefixes, _ = o.pack_tools
     str_cache = _STR_CACHE
