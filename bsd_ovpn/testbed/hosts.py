@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from bsd_ovpn.daemon.stale import pid_alive
 from bsd_ovpn.errors import OvpnError, UnsupportedPlatform, ValidationError
 
 #: Default prefix of namespace / jail names.  ``cleanup_stale`` only ever
@@ -528,18 +529,8 @@ def _as_list(cidrs: str | Iterable[str] | None) -> list[str]:
 _STALE_RE = re.compile(r"^([a-z][a-z0-9]{0,11})-(\d+)-([a-z0-9]+)-")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale_idents(idents: Iterable[str], prefix: str = DEFAULT_PREFIX,
-                 alive: Callable[[int], bool] = _pid_alive) -> list[str]:
+                 alive: Callable[[int], bool] = pid_alive) -> list[str]:
     """The idents with our naming scheme and ``prefix`` whose creating pid is gone."""
     out = []
     for ident in idents:
