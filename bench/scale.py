@@ -259,6 +259,10 @@ class ServerUnderTest(abc.ABC):
     def cpu(self) -> float:
         return sum(cpu_seconds(p) for p in self.pids())
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds per process, so a split server (daemon + engine) shows where it goes."""
+        return {role: cpu_seconds(pid) for pid, role in zip(self.pids(), self.roles())}
+
 
 class StockServer(ServerUnderTest):
     name = "stock openvpn"
@@ -356,6 +360,7 @@ class RunResult:
     rss_connected: dict[str, int] = field(default_factory=dict)
     rss_after: dict[str, int] = field(default_factory=dict)
     server_cpu_connect: float = math.nan
+    server_cpu_connect_by_role: dict[str, float] = field(default_factory=dict)
     gen_cpu_connect: float = math.nan
     status_connected: int | None = None
     status_after_rekey: int | None = None
@@ -391,6 +396,7 @@ class RunResult:
                 "rss_connected_kb": self.rss_connected, "rss_after_kb": self.rss_after,
                 "kb_per_client": self.kb_per_client,
                 "server_cpu_connect_s": self.server_cpu_connect,
+                "server_cpu_connect_s_by_process": self.server_cpu_connect_by_role,
                 "generator_cpu_connect_s": self.gen_cpu_connect,
                 "status_connected": self.status_connected,
                 "status_after_rekey": self.status_after_rekey,
@@ -442,9 +448,12 @@ def run_one(kind: str, lab_hosts: tuple[Host, Host], workdir: Path, args: argpar
         res.rcvbufs = udp_rcvbufs(srv_host)
         gen.start()
         cpu0, gcpu0 = server.cpu(), sum(cpu_seconds(p) for p in gen.pids)
+        roles0 = server.cpu_by_role()
         su0, cu0 = udp_counters(srv_host), udp_counters(cli_host)
         res.connect = gen.connect(timeout=args.timeout)
         res.server_cpu_connect = server.cpu() - cpu0
+        res.server_cpu_connect_by_role = {r: round(c - roles0.get(r, 0.0), 3)
+                                          for r, c in server.cpu_by_role().items()}
         res.gen_cpu_connect = sum(cpu_seconds(p) for p in gen.pids) - gcpu0
         su1 = udp_counters(srv_host)
         res.server_udp_drops = udp_drops(su0, su1)
@@ -527,6 +536,9 @@ def print_table(results: list[RunResult]) -> None:
             "server CPU during connect": _fmt(r.server_cpu_connect, " s", 2),
             "server CPU per handshake": _fmt(r.server_cpu_connect / c.done * 1000
                                              if c and c.done else math.nan, " ms", 2),
+            "  of which per process": " ".join(
+                f"{role} {cpu / c.done * 1000:.2f}"
+                for role, cpu in r.server_cpu_connect_by_role.items()) if c and c.done else "n/a",
             "generator CPU during connect": _fmt(r.gen_cpu_connect, " s", 2),
             "UDP rcvbuf drops srv/gen": f"{r.server_udp_drops}/{r.client_udp_drops}",
             "server datagrams in/out": (f"{r.server_datagrams[0] / r.n:.1f}/"

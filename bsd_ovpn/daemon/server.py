@@ -41,7 +41,7 @@ from bsd_ovpn.settings import tls_config_from
 from bsd_ovpn.binding import release_free_heap
 from bsd_ovpn.daemon.control import ClientStatus, DaemonStatus, format_addr
 from bsd_ovpn.daemon.heap import HeapTrimmer
-from bsd_ovpn.daemon.loop import IfOvpnPeers, DaemonError, log
+from bsd_ovpn.daemon.loop import ENGINE_DRAIN_SPACING, IfOvpnPeers, DaemonError, log
 from bsd_ovpn.daemon.netcfg import NetConfig
 from bsd_ovpn.daemon.poolpersist import PoolPersistence
 
@@ -230,7 +230,8 @@ class ServerDaemon:
         self.clock = clock
         self.wall = wall
         self.call_soon = call_soon or (lambda fn: fn())
-        self.dc = IfOvpnPeers(ifc, sock)
+        self.dc = IfOvpnPeers(ifc, sock, clock=clock, drain_spacing=ENGINE_DRAIN_SPACING
+                              if engine == "userspace" else 0.0)
         self.pool = AddressPool(cfg)
         pp = cfg.ifconfig_pool_persist
         self.heap = HeapTrimmer(release_free_heap)
@@ -326,7 +327,8 @@ class ServerDaemon:
         self.pump(now)
 
     def deadline(self) -> float | None:
-        times = [t for t in (self.endpoint.get_timer(), self.heap.deadline()) if t is not None]
+        times = [t for t in (self.endpoint.get_timer(), self.heap.deadline(),
+                             self.dc.drain_deadline()) if t is not None]
         return min(times) if times else None
 
     def wake(self, now: float) -> None:

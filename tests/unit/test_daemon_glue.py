@@ -134,7 +134,7 @@ class ServerNet:
     """ServerDaemon (recording kernel) <-> real client Sessions, through lists."""
 
     def __init__(self, files: dict[str, Path], extra: str = "", *, username: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, engine: str = "test") -> None:
         self.files = files
         self.clock = Clock()
         self.cfg = server_config(files, extra)
@@ -147,7 +147,7 @@ class ServerNet:
         self.pending: list = []
         self.d = ServerDaemon(self.cfg, ifc=self.ifc, sock=self.sock,
                               send=lambda data, addr: self.out.append((data, addr)),
-                              netcfg=self.net, engine="test", clock=self.clock,
+                              netcfg=self.net, engine=engine, clock=self.clock,
                               wall=lambda: 1.7e9 + self.clock.t,
                               call_soon=self.pending.append, cookie_jar=CookieJar(b"k" * 32, 60))
         self.clients: dict[tuple, tuple[Session, list[ev.Event]]] = {}
@@ -306,6 +306,43 @@ def test_server_keepalive_timeout_forgets_client(files) -> None:
     n2 = ServerNet(files)
     n2.connect()
     assert last(n2.tr, C.OVPN_NEW_PEER)["vpn_ipv4"] == bytes([198, 51, 100, 2])
+
+
+def test_server_spaces_notification_drains_over_the_engine(files) -> None:
+    """Over the userspace engine a GET_PKT is a round trip even when the queue is
+    empty: wake-ups closer than ENGINE_DRAIN_SPACING do not drain, and the skipped
+    drain becomes a deadline so a quiet loop still makes it."""
+    from bsd_ovpn.daemon.loop import ENGINE_DRAIN_SPACING
+
+    def get_pkts(tr: RecordingTransport) -> int:
+        return sum(1 for c in tr.calls if c.method == "query" and c.command == C.OVPN_GET_PKT)
+
+    n = ServerNet(files, engine="userspace")
+    n.connect()
+    n.clock.t += ENGINE_DRAIN_SPACING
+    n.tr.calls.clear()
+    n.d.wake(n.clock.t)
+    assert get_pkts(n.tr) == 1                         # queue empty: one ENOENT
+    assert n.d.dc.drain_deadline() is None
+    n.tr.script(C.OVPN_GET_PKT, notif(peerid=0, notification=0, del_reason=1,
+                                      packets={"in": 1, "out": 2}, bytes={"in": 3, "out": 4}))
+    n.clock.t += ENGINE_DRAIN_SPACING / 4
+    n.d.wake(n.clock.t)
+    assert get_pkts(n.tr) == 1                         # too soon: not asked
+    assert 0 in n.d.records
+    due = n.d.deadline()
+    assert due is not None and n.clock.t < due <= n.clock.t + ENGINE_DRAIN_SPACING
+    n.clock.t = due
+    n.d.wake(n.clock.t)
+    assert get_pkts(n.tr) >= 2
+    assert n.d.records == {}                           # the timeout arrived
+    # the kernel transport drains on every wake-up (its GET_PKT is an ioctl)
+    k = ServerNet(files)
+    k.connect()
+    k.tr.calls.clear()
+    k.d.wake(k.clock.t)
+    k.d.wake(k.clock.t)
+    assert get_pkts(k.tr) == 2
 
 
 def test_server_rotate_key_starts_renegotiation(files) -> None:
