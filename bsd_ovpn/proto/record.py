@@ -216,18 +216,31 @@ class RecordCounter:
     """Counts one direction's application-epoch records while OpenSSL runs the session.
 
     Every byte that passes between OpenSSL and the wire in this direction is
-    fed here.  Encrypted records seen before the traffic secret is known wait
-    (they can only be handshake-epoch records, but are checked anyway); each
-    one is trial-decrypted with the application traffic key at the next
-    sequence number: success counts it, failure before the first success is a
-    handshake record.  After the first success every record must decrypt, and
-    none may be a KeyUpdate or an alert; otherwise ``lost`` is set for good
-    and the session is never handed off.
+    fed here, with ``handshake=True`` for bytes the caller knows to be
+    handshake-epoch records (:class:`~bsd_ovpn.proto.tls.TLSChannel` knows
+    the record boundary where the handshake ended; see there).
+
+    ``verify=True`` (the peer's direction): encrypted records seen before the
+    traffic secret is known wait; each one is trial-decrypted with the
+    application traffic key at the next sequence number: success counts it,
+    failure before the first success is a handshake record.  After the first
+    success every record must decrypt, and none may be a KeyUpdate or an
+    alert; otherwise ``lost`` is set for good and the session is never
+    handed off.
+
+    ``verify=False`` (our own direction): OpenSSL wrote these records for us,
+    so they are counted by their headers alone.  What could make a count of
+    ours wrong is OpenSSL sending a KeyUpdate or an alert on its own: it does
+    the first only in answer to the peer's KeyUpdate (which the peer's
+    counter catches) and the second only when the session fails or closes
+    (no hand-off then).  This saves a key schedule and an AEAD pass per
+    record on every handshake.
     """
 
-    __slots__ = ("_buf", "_waiting", "_waiting_bytes", "keys", "count", "lost", "started")
+    __slots__ = ("_buf", "_waiting", "_waiting_bytes", "keys", "count", "lost", "started",
+                 "verify", "suite", "secret")
 
-    def __init__(self) -> None:
+    def __init__(self, *, verify: bool = True) -> None:
         self._buf = bytearray()
         self._waiting: list[tuple[bytes, bytes]] = []
         self._waiting_bytes = 0
@@ -235,23 +248,44 @@ class RecordCounter:
         self.count = 0
         self.lost: str | None = None
         self.started = False
+        self.verify = verify
+        self.suite: str | None = None
+        self.secret: bytes | None = None
 
     @property
     def idle(self) -> bool:
         """No partial record and nothing waiting for a key."""
         return not self._buf and not self._waiting
 
+    @property
+    def ready(self) -> bool:
+        """The traffic secret is known and the count can be trusted."""
+        return self.secret is not None and self.lost is None
+
     def set_secret(self, suite: str, secret: bytes) -> None:
-        if self.keys is not None or self.lost is not None:
+        if self.secret is not None or self.lost is not None:
             return
         if suite not in SUITES:
             self.lost = f"cipher suite {suite} is not supported by the record layer"
+            return
+        self.suite, self.secret = suite, secret
+        if not self.verify:
             return
         self.keys = _Keys(suite, secret)
         self.keys.aead = self.keys.aead_cls(self.keys.key)    # several records to check
         waiting, self._waiting, self._waiting_bytes = self._waiting, [], 0
         for header, body in waiting:
             self._check(header, body)
+
+    def take_keys(self) -> _Keys:
+        """The traffic keys at the next sequence number (for the hand-off)."""
+        if not self.ready:
+            raise LocalProtocolError("TLS record layer: counter without a secret or out of step")
+        keys = self.keys
+        if keys is None:
+            assert self.suite is not None and self.secret is not None
+            keys = self.keys = _Keys(self.suite, self.secret, self.count)
+        return keys
 
     def feed(self, data: bytes, *, handshake: bool = False) -> None:
         """Account for ``data`` (stream order).
@@ -284,6 +318,12 @@ class RecordCounter:
             if handshake:
                 if self.started:
                     self.lost = "handshake record after an application record"
+                continue
+            if not self.verify:
+                self.started = True
+                self.count += 1
+                if self.keys is not None:
+                    self.keys.seq += 1
                 continue
             header = bytes(buf[start:start + _HEADER])
             body = bytes(buf[start + _HEADER:end])
@@ -357,11 +397,9 @@ class RecordLayer:
     def from_counters(cls, *, server: bool, read: RecordCounter, write: RecordCounter,
                       exporter_secret: bytes) -> RecordLayer:
         """Take over the keys (and so the sequence numbers) two counters arrived at."""
-        if read.keys is None or write.keys is None or read.lost or write.lost:
-            raise LocalProtocolError("TLS record layer: counters without keys or out of step")
         self = cls.__new__(cls)
         self.server = server
-        self._read, self._write = read.keys, write.keys
+        self._read, self._write = read.take_keys(), write.take_keys()
         self._read.aead = self._write.aead = None    # ~memory: made per record from now on
         self._init_rest(exporter_secret)
         return self

@@ -642,7 +642,8 @@ class TLSChannel:
 
     __slots__ = ("config", "server", "_conn", "_verify_failure", "_pending", "_failed",
                  "handshake_complete", "closed", "_secrets", "_count_in", "_count_out",
-                 "_drained", "_rl", "_facts", "_peer", "_new_secret", "__weakref__")
+                 "_drained", "_rl", "_facts", "_peer", "_new_secret", "_in_hold", "_out_hs",
+                 "__weakref__")
 
     def __init__(self, config: TLSConfig, *, server: bool) -> None:
         self.config = config
@@ -658,8 +659,15 @@ class TLSChannel:
         # hand-off bookkeeping (None once handed off, or when it cannot happen)
         self._secrets: dict[bytes, bytes] | None = {} if config.record_handoff else None
         self._count_in: RecordCounter | None = RecordCounter() if config.record_handoff else None
-        self._count_out: RecordCounter | None = RecordCounter() if config.record_handoff \
-            else None
+        self._count_out: RecordCounter | None = RecordCounter(verify=False) \
+            if config.record_handoff else None
+        # The record boundary where the handshake ended, per direction, so that no
+        # handshake record needs a trial decryption: the peer's bytes fed before
+        # the handshake completed wait here (only those OpenSSL left unread at
+        # completion are application records: it reads record by record), and
+        # _out_hs is how many bytes of our next drain are still handshake records.
+        self._in_hold: bytearray | None = bytearray() if config.record_handoff else None
+        self._out_hs = 0
         self._drained = False      # the last SSL_read wanted more input than was given
         self._new_secret = False   # a key log line arrived that the counters have not seen
         self._rl: RecordLayer | None = None
@@ -710,7 +718,7 @@ class TLSChannel:
     # -- hand-off to the record layer --------------------------------------------
 
     def _stop_counting(self) -> None:
-        self._secrets = self._count_in = self._count_out = None
+        self._secrets = self._count_in = self._count_out = self._in_hold = None
 
     def _keylog(self, line: bytes) -> None:
         """OpenSSL's key log line (NSS format): keep the secrets the hand-off needs."""
@@ -766,8 +774,7 @@ class TLSChannel:
             self._stop_counting()           # TLS 1.2 stays in OpenSSL
             return False
         self._give_counters_keys()
-        if cin.lost is not None or cout.lost is not None or cin.keys is None \
-                or cout.keys is None or _EXPORTER_SECRET not in secrets:
+        if not cin.ready or not cout.ready or _EXPORTER_SECRET not in secrets:
             if cin.lost is not None or cout.lost is not None:
                 self._stop_counting()
             return False
@@ -792,14 +799,23 @@ class TLSChannel:
     def _advance(self) -> None:
         if self.handshake_complete:
             return
-        assert self._conn is not None
+        conn = self._conn
+        assert conn is not None
+        counting = self._count_out is not None
+        before = _bio_pending(conn._from_ssl) if counting else 0  # noqa: SLF001
         try:
-            self._conn.do_handshake()
+            conn.do_handshake()
         except SSL.WantReadError:
             return
         except SSL.Error as e:
             raise self._fail(e) from None
         self.handshake_complete = True
+        if counting:
+            # TLS 1.3: the call that completes a server's handshake writes only
+            # NewSessionTickets (application records); a client's writes its
+            # Finished flight (handshake records) and nothing after it
+            self._out_hs = before if self.server \
+                else _bio_pending(conn._from_ssl)  # noqa: SLF001
         pending, self._pending = self._pending, []
         for data in pending:
             self._write_record(data)
@@ -814,14 +830,30 @@ class TLSChannel:
             except RecordError as e:
                 raise self._record_failure(e) from None
             return
-        assert self._conn is not None
+        conn = self._conn
+        assert conn is not None
         if ciphertext:
             data = bytes(ciphertext)
-            self._conn.bio_write(data)
+            conn.bio_write(data)
             self._drained = False
             if self._count_in is not None:
-                self._count_in.feed(data)
-        self._advance()
+                hold = self._in_hold
+                if hold is None:
+                    self._count_in.feed(data)
+                else:
+                    hold += data
+                    if len(hold) > _MAX_HOLD:
+                        self._stop_counting()   # an odd handshake: OpenSSL keeps it
+        if not self.handshake_complete:
+            self._advance()
+            hold = self._in_hold
+            if self.handshake_complete and hold is not None and self._count_in is not None:
+                self._in_hold = None
+                rest = _bio_pending(conn._into_ssl)  # noqa: SLF001
+                if _bio_get_mem_data is None:  # pragma: no cover - see _bio_pending
+                    self._stop_counting()
+                elif rest:
+                    self._count_in.feed(bytes(hold[len(hold) - rest:]))
         self._give_counters_keys()
 
     def outgoing(self) -> bytes:
@@ -832,11 +864,18 @@ class TLSChannel:
         conn = self._conn
         assert conn is not None
         data = _drain(conn)
-        if self._count_out is not None:
+        cout = self._count_out
+        if cout is not None:
             if data:
                 self._give_counters_keys()
-                # before do_handshake() succeeded OpenSSL wrote only handshake-epoch records
-                self._count_out.feed(data, handshake=not self.handshake_complete)
+                if not self.handshake_complete:
+                    cout.feed(data, handshake=True)
+                elif self._out_hs:
+                    hs, self._out_hs = self._out_hs, 0
+                    cout.feed(data[:hs], handshake=True)
+                    cout.feed(data[hs:])
+                else:
+                    cout.feed(data)
             if self.handshake_complete:
                 self.release_openssl()
         return data
@@ -1005,6 +1044,9 @@ _EXPORTER_SECRET = b"EXPORTER_SECRET"
 _HANDOFF_SECRETS = (_CLIENT_SECRET, _SERVER_SECRET, _EXPORTER_SECRET)
 _HANDOFF_PREFIXES = tuple(name + b" " for name in _HANDOFF_SECRETS)
 _bio_get_mem_data = getattr(_lib, "BIO_get_mem_data", None)
+#: the peer's handshake bytes held to find the record boundary (a certificate chain
+#: of several KB fits many times; more than this and the session stays in OpenSSL)
+_MAX_HOLD = 256 * 1024
 
 
 def _drain(conn: SSL.Connection) -> bytes:

@@ -210,3 +210,57 @@ def test_hand_off_can_be_disabled(pki: PKI) -> None:
     assert not srv.handed_off and not cli.handed_off
     with pytest.raises(Exception, match="handed off"):
         srv.key_update()
+
+
+@pytest.mark.parametrize("ours", ["server", "client", "both"])
+def test_finished_and_first_messages_in_one_flight(pki: PKI, ours: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record boundary where the handshake ended is known, never guessed.
+
+    A client that queued messages before its handshake completed sends its
+    Finished and those records in one flight (as an OpenVPN client sends its
+    key-method 2 message); the server reads that flight in one piece.  The
+    hand-off must count exactly the application records on both sides, and
+    no handshake record may need a trial decryption.
+    """
+    from bsd_ovpn.proto import record
+
+    failed: list[int] = []
+    real_open = record._Keys.open                 # noqa: SLF001
+
+    def spy(self: record._Keys, header: bytes, body: bytes) -> bytes | None:  # noqa: SLF001
+        out = real_open(self, header, body)
+        if out is None:
+            failed.append(len(body))
+        return out
+
+    monkeypatch.setattr(record._Keys, "open", spy)  # noqa: SLF001
+    scfg, ccfg = _cfgs(pki, srv_handoff=ours in ("server", "both"),
+                       cli_handoff=ours in ("client", "both"))
+    srv, cli = TLSChannel(scfg, server=True), TLSChannel(ccfg, server=False)
+    cli.write(b"key method 2\x00")
+    cli.write(b"PUSH_REQUEST\x00")
+    srv.receive(cli.outgoing())                   # ClientHello
+    cli.receive(srv.outgoing())                   # ServerHello ... Finished
+    assert cli.handshake_complete
+    flight = cli.outgoing()                       # Finished + two application records
+    srv.receive(flight)                           # all of it in one piece
+    assert srv.handshake_complete
+    assert [srv.read_record(), srv.read_record(), srv.read_record()] == \
+        [b"key method 2\x00", b"PUSH_REQUEST\x00", b""]
+    srv.write(b"key method 2 reply\x00")
+    srv.write(b"PUSH_REPLY,ping 10\x00")
+    cli.receive(srv.outgoing())                   # tickets + two application records
+    got_cli = [cli.read_record(), cli.read_record(), cli.read_record()]
+    assert got_cli == [b"key method 2 reply\x00", b"PUSH_REPLY,ping 10\x00", b""]
+    got_cli2, got_srv = _shuttle(cli, srv)
+    assert srv.handed_off == (ours in ("server", "both"))
+    assert cli.handed_off == (ours in ("client", "both"))
+    # the sequence numbers the hand-off took are right: more messages both ways
+    for i in range(3):
+        srv.write(b"s%d\x00" % i)
+        cli.write(b"c%d\x00" % i)
+    got_cli, got_srv = _shuttle(cli, srv)
+    assert got_cli == [b"s%d\x00" % i for i in range(3)]
+    assert got_srv == [b"c%d\x00" % i for i in range(3)]
+    assert failed == []                           # no handshake record was trial-decrypted
