@@ -9,7 +9,8 @@ typed exceptions only.  Sections:
 * the kernel calls if_ovpn needs (SIOCSDRVSPEC/SIOCGDRVSPEC, clone create,
   destroy, rename, list cloners, kldload), which turn ``errno`` into
   :class:`~bsd_ovpn.errors.IfOvpnError` subclasses;
-* (at the end) a delimited section owned by the engine fast path.
+* (at the end) delimited sections for the engine fast path and for
+  control-channel wrapping (tls-crypt's AES-256-CTR + HMAC-SHA256 in one call).
 
 Importing this module, and reading the layout, works on every host: the
 structs are defined in C under our own names with FreeBSD's layout.  Using a
@@ -531,3 +532,101 @@ class FastpathEngine:
         _fp_check(self._lib.bsd_ovpn_fp_del_route(self._e(), 0, self._ffi.NULL, -1),
                   "bsd_ovpn_fp_del_route")
 # ---- end fast path section ----
+
+
+# ==========================================================================
+# Control-channel wrapping (cdefs/ctlcrypt.h / ctlcrypt.c).  Everything for
+# it goes below this banner; nothing above depends on it.
+# ==========================================================================
+
+# ---- begin ctlcrypt section (tls-crypt AES-256-CTR + HMAC-SHA256, helper N3) ----
+# One C key object per (cipher key, HMAC key) pair keeps the AES key schedule
+# and the HMAC pads prepared, so sealing or opening a control packet is one
+# C call instead of a cryptography CTR context plus an HMAC per packet.
+# bsd_ovpn.proto.fastcrypto picks this when the module is built and falls
+# back to its pure path otherwise; both give identical bytes.
+
+from .errors import OvpnError as _OvpnError  # noqa: E402  (kept inside this section)
+
+CC_KEY_LEN = 32
+CC_TAG_LEN = 32
+
+
+class CtlCryptError(_OvpnError):
+    """libcrypto failed inside a ctlcrypt call (not an authentication failure)."""
+
+
+class CtlCryptAuthError(CtlCryptError):
+    """A sealed packet's tag did not match: wrong key or tampered data."""
+
+
+def ctlcrypt_available() -> bool:
+    """True if the compiled module is built and has the ctlcrypt functions.
+
+    (A module compiled before cdefs/ctlcrypt.c existed lacks them.)
+    """
+    return _native is not None and hasattr(_native.lib, "bsd_ovpn_cc_new")
+
+
+class NativeCtrHmacKey:
+    """An AES-256-CTR key plus an HMAC-SHA256 key, SIV style, in C.
+
+    ``seal(header, plain)`` returns ``tag || AES-CTR(iv=tag[:16], plain)``
+    with ``tag = HMAC(header || plain)``; ``open(header, tag, ct)`` reverses
+    it and raises :class:`CtlCryptAuthError` when the tag does not match.
+    The C object (key material cleansed on free) goes away with this one.
+    """
+
+    __slots__ = ("_ptr", "_ffi", "_lib")
+
+    def __init__(self, enc_key: bytes, hmac_key: bytes) -> None:
+        if not ctlcrypt_available():
+            _require_native()
+            raise NativeModuleMissing("bsd_ovpn._native was built without cdefs/ctlcrypt.c; "
+                                      "rebuild it with 'pip install -e .'")
+        if type(enc_key) is not bytes:
+            enc_key = bytes(enc_key)
+        if type(hmac_key) is not bytes:
+            hmac_key = bytes(hmac_key)
+        if len(enc_key) != CC_KEY_LEN or len(hmac_key) != CC_KEY_LEN:
+            name, key = (("AES-256-CTR key", enc_key) if len(enc_key) != CC_KEY_LEN
+                         else ("HMAC-SHA256 key", hmac_key))
+            raise ValidationError(f"the {name} must be {CC_KEY_LEN} bytes, got {len(key)}")
+        self._ffi, self._lib = _native.ffi, _native.lib
+        ptr = self._lib.bsd_ovpn_cc_new(enc_key, hmac_key)
+        if ptr == self._ffi.NULL:
+            raise CtlCryptError("bsd_ovpn_cc_new failed: out of memory, or libcrypto "
+                                "lacks AES-256-CTR / HMAC-SHA256")
+        self._ptr = self._ffi.gc(ptr, self._lib.bsd_ovpn_cc_free)
+
+    def seal(self, header: bytes, plain: bytes) -> bytes:
+        """``tag(32) || ciphertext`` of ``plain``, authenticating ``header`` too."""
+        if type(header) is not bytes:
+            header = bytes(header)
+        if type(plain) is not bytes:
+            plain = bytes(plain)
+        out = bytearray(CC_TAG_LEN + len(plain))   # (cheaper than ffi.new + buffer copy)
+        if self._lib.bsd_ovpn_cc_seal(self._ptr, header, len(header), plain, len(plain),
+                                      self._ffi.from_buffer(out)):
+            raise CtlCryptError("bsd_ovpn_cc_seal: libcrypto failed")
+        return bytes(out)
+
+    def open(self, header: bytes, tag: bytes, ct: bytes) -> bytes:
+        """The plaintext of ``ct``; :class:`CtlCryptAuthError` if ``tag`` does not match."""
+        if type(header) is not bytes:
+            header = bytes(header)
+        if type(tag) is not bytes:
+            tag = bytes(tag)
+        if type(ct) is not bytes:
+            ct = bytes(ct)
+        if len(tag) != CC_TAG_LEN:
+            raise ValidationError(f"the tag must be {CC_TAG_LEN} bytes, got {len(tag)}")
+        out = bytearray(len(ct))
+        rc = self._lib.bsd_ovpn_cc_open(self._ptr, header, len(header), tag, ct, len(ct),
+                                        self._ffi.from_buffer(out))
+        if rc:
+            if rc == self._lib.BSD_OVPN_CC_ERR_AUTH:
+                raise CtlCryptAuthError("authentication failed (wrong key or tampered data)")
+            raise CtlCryptError("bsd_ovpn_cc_open: libcrypto failed")
+        return bytes(out)
+# ---- end ctlcrypt section ----

@@ -21,7 +21,7 @@ import time
 from typing import Union
 
 from bsd_ovpn.errors import ConfigError, RemoteProtocolError
-from bsd_ovpn.proto.fastcrypto import CtrKey, hmac_digest
+from bsd_ovpn.proto.fastcrypto import AnyCtrHmacKey, CtlCryptAuthError, CtrHmacKey
 
 __all__ = [
     "KeyFileError", "WKcError", "StaticKey", "TLSCryptV2ServerKey", "TLSCryptV2ClientKey",
@@ -135,7 +135,7 @@ def _pem_decode(text: str, name: str, source: str | None) -> bytes:
 class StaticKey:
     """A 256-byte key2: ``keys[0].cipher, keys[0].hmac, keys[1].cipher, keys[1].hmac``."""
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_tls_crypt")
     SIZE = KEY2_SIZE
 
     def __init__(self, data: bytes) -> None:
@@ -143,6 +143,27 @@ class StaticKey:
         if len(data) != KEY2_SIZE:
             raise KeyFileError(f"a static key is {KEY2_SIZE} bytes, got {len(data)}")
         self._data = data
+        self._tls_crypt: dict[bool, tuple[AnyCtrHmacKey, AnyCtrHmacKey]] = {}
+
+    def tls_crypt_keys(self, server: bool) -> tuple[AnyCtrHmacKey, AnyCtrHmacKey]:
+        """(send, receive) tls-crypt keys of one side, prepared once per StaticKey.
+
+        A server's every session wraps with its one ``--tls-crypt`` key; the
+        prepared keys hold no per-packet state (replay state lives in the
+        wraps), so all of them share one pair: ~1.3 KiB of OpenSSL contexts
+        each, which per session would be ~3 KiB per client, and ~2.5 us to
+        make, which per session was four times per handshake.  Fixed
+        directions: servers send with keys[0] and receive with keys[1].
+        """
+        pair = self._tls_crypt.get(server)
+        if pair is None:
+            # keys[i].cipher[:32] is data[128i:128i+32], keys[i].hmac[:32] data[128i+64:128i+96]
+            d = self._data
+            send, recv = (0, 128) if server else (128, 0)
+            pair = self._tls_crypt[server] = (
+                CtrHmacKey(d[send:send + 32], d[send + 64:send + 96]),
+                CtrHmacKey(d[recv:recv + 32], d[recv + 64:recv + 96]))
+        return pair
 
     @property
     def data(self) -> bytes:
@@ -401,8 +422,7 @@ def wrap_client_key(server_key: TLSCryptV2ServerKey, kc: StaticKey, metadata: by
                            f"included), got {len(metadata)}")
     plain = kc.data + metadata
     net_len = struct.pack(">H", TAG_SIZE + len(plain) + 2)
-    tag = hmac_digest(server_key.hmac_key, net_len + plain)
-    return tag + CtrKey(server_key.cipher_key).apply(tag[:16], plain) + net_len
+    return CtrHmacKey(server_key.cipher_key, server_key.hmac_key).seal(net_len, plain) + net_len
 
 
 def unwrap_client_key(server_key: TLSCryptV2ServerKey, wkc: bytes) -> tuple[StaticKey, bytes]:
@@ -410,11 +430,11 @@ def unwrap_client_key(server_key: TLSCryptV2ServerKey, wkc: bytes) -> tuple[Stat
     wkc = bytes(wkc)
     _check_wkc_shape(wkc, WKcError)
     tag, body, net_len = wkc[:TAG_SIZE], wkc[TAG_SIZE:-2], wkc[-2:]
-    plain = CtrKey(server_key.cipher_key).apply(tag[:16], body)
-    check = hmac_digest(server_key.hmac_key, net_len + plain)
-    if not hmac.compare_digest(tag, check):
+    try:
+        plain = CtrHmacKey(server_key.cipher_key, server_key.hmac_key).open(net_len, tag, body)
+    except CtlCryptAuthError:
         raise WKcError("wrapped client key does not authenticate "
-                       "(made for a different tls-crypt-v2 server key, or tampered)")
+                       "(made for a different tls-crypt-v2 server key, or tampered)") from None
     return StaticKey(plain[:KEY2_SIZE]), plain[KEY2_SIZE:]
 
 

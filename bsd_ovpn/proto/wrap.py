@@ -19,7 +19,7 @@ import struct
 from abc import ABC, abstractmethod
 
 from bsd_ovpn.errors import LocalProtocolError, RemoteProtocolError
-from bsd_ovpn.proto.fastcrypto import CtrKey, hmac_digest
+from bsd_ovpn.proto.fastcrypto import AnyCtrHmacKey, CtlCryptAuthError, hmac_digest
 from bsd_ovpn.proto.keyfile import (
     StaticKey, TLSCryptV2ClientKey, TLSCryptV2ServerKey, WKcError, key_indices,
     unwrap_client_key, MAX_WKC_LEN,
@@ -269,28 +269,32 @@ class TLSCrypt(ControlWrap):
         super().__init__()
         self.base_key = key
         self.server = bool(server)
-        # keys[i].cipher[:32] is data[128i:128i+32], keys[i].hmac[:32] data[128i+64:128i+96]
-        d = key.data
-        send, recv = (0, 128) if server else (128, 0)
-        self._send_ke, self._send_ka = CtrKey(d[send:send + 32]), d[send + 64:send + 96]
-        self._recv_ke, self._recv_ka = CtrKey(d[recv:recv + 32]), d[recv + 64:recv + 96]
+        # prepared on first use, and then shared by every wrap of this key: a
+        # stateless reply never opens a packet, and a dynamic tls-crypt wrap made
+        # at every handshake is only used at a renegotiation
+        self._keys: tuple[AnyCtrHmacKey, AnyCtrHmacKey] | None = None
 
     def wrap(self, packet: bytes, now: float) -> bytes:
         packet = self._check_plain(packet)
         header = packet[:_HDR] + self._next_pid(now)
-        plain = packet[_HDR:]
-        tag = hmac_digest(self._send_ka, header + plain)
-        return header + tag + self._send_ke.apply(tag[:16], plain)
+        keys = self._keys
+        if keys is None:
+            keys = self._keys = self.base_key.tls_crypt_keys(self.server)
+        return header + keys[0].seal(header, packet[_HDR:])
 
     def _open(self, data: bytes) -> tuple[bytes, int, int]:
         off_ct = _HDR + 8 + TLS_CRYPT_TAG
         if len(data) < off_ct + 1:
             raise WrapError(f"tls-crypt packet of {len(data)} bytes is too short")
-        header, tag = data[:_HDR + 8], data[_HDR + 8:off_ct]
-        plain = self._recv_ke.apply(tag[:16], data[off_ct:])
-        check = hmac_digest(self._recv_ka, header + plain)
-        if not hmac.compare_digest(tag, check):
-            raise WrapError("tls-crypt authentication failed (wrong key or tampered packet)")
+        header = data[:_HDR + 8]
+        keys = self._keys
+        if keys is None:
+            keys = self._keys = self.base_key.tls_crypt_keys(self.server)
+        try:
+            plain = keys[1].open(header, data[_HDR + 8:off_ct], data[off_ct:])
+        except CtlCryptAuthError:
+            raise WrapError("tls-crypt authentication failed (wrong key or tampered packet)"
+                            ) from None
         pid, ts = struct.unpack(">II", header[_HDR:])
         return data[:_HDR] + plain, pid, ts
 
