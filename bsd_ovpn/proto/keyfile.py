@@ -264,7 +264,7 @@ class StaticKey:
 class TLSCryptV2ServerKey:
     """The 128-byte tls-crypt-v2 server key: Ke = bytes 0..31, Ka = bytes 64..95."""
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_wkc_key")
     SIZE = KEY_SIZE
 
     def __init__(self, data: bytes) -> None:
@@ -272,6 +272,15 @@ class TLSCryptV2ServerKey:
         if len(data) != KEY_SIZE:
             raise KeyFileError(f"a tls-crypt-v2 server key is {KEY_SIZE} bytes, got {len(data)}")
         self._data = data
+        self._wkc_key: AnyCtrHmacKey | None = None
+
+    def wkc_key(self) -> AnyCtrHmacKey:
+        """The (Ke, Ka) pair that wraps client keys, prepared once: a server opens a
+        WKc on every tls-crypt-v2 handshake."""
+        key = self._wkc_key
+        if key is None:
+            key = self._wkc_key = CtrHmacKey(self.cipher_key, self.hmac_key)
+        return key
 
     @property
     def data(self) -> bytes:
@@ -422,7 +431,7 @@ def wrap_client_key(server_key: TLSCryptV2ServerKey, kc: StaticKey, metadata: by
                            f"included), got {len(metadata)}")
     plain = kc.data + metadata
     net_len = struct.pack(">H", TAG_SIZE + len(plain) + 2)
-    return CtrHmacKey(server_key.cipher_key, server_key.hmac_key).seal(net_len, plain) + net_len
+    return server_key.wkc_key().seal(net_len, plain) + net_len
 
 
 def unwrap_client_key(server_key: TLSCryptV2ServerKey, wkc: bytes) -> tuple[StaticKey, bytes]:
@@ -431,7 +440,7 @@ def unwrap_client_key(server_key: TLSCryptV2ServerKey, wkc: bytes) -> tuple[Stat
     _check_wkc_shape(wkc, WKcError)
     tag, body, net_len = wkc[:TAG_SIZE], wkc[TAG_SIZE:-2], wkc[-2:]
     try:
-        plain = CtrHmacKey(server_key.cipher_key, server_key.hmac_key).open(net_len, tag, body)
+        plain = server_key.wkc_key().open(net_len, tag, body)
     except CtlCryptAuthError:
         raise WKcError("wrapped client key does not authenticate "
                        "(made for a different tls-crypt-v2 server key, or tampered)") from None

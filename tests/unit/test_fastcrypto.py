@@ -191,8 +191,7 @@ def test_native_key_is_safe_across_threads():
 def test_tls_crypt_and_wkc_same_bytes_on_both_paths(monkeypatch):
     """TLSCrypt wrap/unwrap and WKc wrap/unwrap give the same bytes natively and in Python."""
     _native_or_skip()
-    raw = os.urandom(256)
-    sk = TLSCryptV2ServerKey(os.urandom(128))
+    raw, sk_raw = os.urandom(256), os.urandom(128)
     kc, meta = StaticKey(os.urandom(256)), timestamp_metadata(1_700_000_000)
     pkt = ControlPacket(Opcode.P_CONTROL_V1, 0, bytes(range(8)), message_id=3,
                         payload=os.urandom(300)).encode()
@@ -200,8 +199,9 @@ def test_tls_crypt_and_wkc_same_bytes_on_both_paths(monkeypatch):
     for name, cls in (("native", NativeCtrHmacKey), ("pure", PureCtrHmacKey)):
         monkeypatch.setattr(keyfile, "CtrHmacKey", cls)
         key = StaticKey(raw)                  # prepared keys are kept per StaticKey
+        sk = TLSCryptV2ServerKey(sk_raw)      # ... and per server key
         tx, rx = wrap.TLSCrypt(key, server=True), wrap.TLSCrypt(key, server=False)
-        assert isinstance(key.tls_crypt_keys(True)[0], cls)
+        assert isinstance(key.tls_crypt_keys(True)[0], cls) and isinstance(sk.wkc_key(), cls)
         w = tx.wrap(pkt, 1_700_000_000.0)
         assert rx.unwrap(w, 1_700_000_000.0) == pkt
         bad = bytearray(w)
