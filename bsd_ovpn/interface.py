@@ -69,7 +69,7 @@ from .transport import Transport, encode_ifname, errno_error
 __all__ = [
     "Interface", "Endpoint", "KeyMaterial", "InOut", "InterfaceStats", "PeerStats",
     "PeerDeleted", "RotateKey", "Float", "UnknownNotification", "Notification",
-    "ReplyError", "explain_errno", "port_to_kernel", "port_from_kernel",
+    "ReplyError", "explain_errno", "port_to_kernel", "port_from_kernel", "PipelineFailure",
 ]
 
 U32_MAX = 0xFFFFFFFF
@@ -128,6 +128,20 @@ def port_from_kernel(value: int) -> int:
 
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+@dataclass(frozen=True)
+class PipelineFailure:
+    """One failed request of a :meth:`Interface.pipelined` block run with ``collect``.
+
+    ``peer_id`` is the peer the request named, or, for an interface-wide
+    command (START_VPN after a NEW_KEY), the peer of the request just before
+    it: the client whose steps it completed.
+    """
+
+    command: Command
+    peer_id: int | None
+    error: IfOvpnError
 
 
 @dataclass(frozen=True)
@@ -520,6 +534,8 @@ class Interface:
         self._keepalive: dict[int, tuple[int, int]] = {}
         #: requests held by :meth:`pipelined` (command, data, fd, peer id)
         self._held: list[tuple[Command, bytes | None, int | None, int | None]] | None = None
+        #: where a ``pipelined(collect=...)`` block reports failures
+        self._collect: list[PipelineFailure] | None = None
 
     # -- lifecycle -----------------------------------------------------------
     @classmethod
@@ -649,21 +665,27 @@ class Interface:
             raise _reexplain(exc, command, ifname=self._name, peer_id=peer_id, fd=fd) from exc
 
     @contextlib.contextmanager
-    def pipelined(self) -> Iterator[None]:
+    def pipelined(self, collect: list[PipelineFailure] | None = None) -> Iterator[None]:
         """Send the SET requests made inside the block together when it ends.
 
         Over the userspace engine every request is a round trip to another
         process; a new client's NEW_PEER, SET_PEER, NEW_KEY and START_VPN then
-        cost one round trip instead of four.  The kernel transport has no
-        ``request_many`` and runs them one by one, exactly as without the block.
-        Every held request is sent, in order, even after one failed (as
-        independent ioctls would be); the first failure is then raised, named
-        after its own command.  A query inside the block sends what is held
-        first.  Blocks do not nest.
+        cost one round trip instead of four, and a server that wraps all the
+        clients it advanced in one go in a block pays one round trip for all
+        of them.  The kernel transport has no ``request_many`` and runs them
+        one by one, exactly as without the block.  Every held request is
+        sent, in order, even after one failed (as independent ioctls would
+        be); the first failure is then raised, named after its own command --
+        or, with ``collect``, every failure is appended to it as a
+        :class:`PipelineFailure` and nothing is raised (a server needs to know
+        each client to drop, not only the first).  A query inside the block
+        sends what is held first.  A block inside another joins it.
         """
         if self._held is not None:
-            raise ValidationError("Interface.pipelined() blocks do not nest")
+            yield                                   # joins the enclosing block
+            return
         self._held = []
+        self._collect = collect
         try:
             yield
         except BaseException:
@@ -673,7 +695,10 @@ class Interface:
 
     def _flush_held(self, *, raise_errors: bool, reopen: bool = False) -> None:
         held = self._held or []
+        collect = self._collect
         self._held = [] if reopen else None
+        if not reopen:
+            self._collect = None
         if not held:
             return
         many = getattr(self._transport, "request_many", None)
@@ -687,10 +712,18 @@ class Interface:
                     errors.append(None)
                 except IfOvpnError as exc:
                     errors.append(exc)
+        owner = None
         for (command, _d, fd, peer_id), exc in zip(held, errors):
-            if exc is not None and raise_errors:
-                raise _reexplain(exc, command, ifname=self._name, peer_id=peer_id,
-                                 fd=fd) from exc
+            if peer_id is not None:
+                owner = peer_id
+            if exc is None:
+                continue
+            err = _reexplain(exc, command, ifname=self._name, peer_id=peer_id, fd=fd)
+            err.__cause__ = exc
+            if collect is not None:
+                collect.append(PipelineFailure(command, owner, err))
+            elif raise_errors:
+                raise err
 
     def _query(self, command: Command, bufsize: int) -> bytes:
         self._alive()

@@ -18,6 +18,7 @@ drive it with a RecordingTransport and an in-memory client;
 """
 from __future__ import annotations
 
+import errno as _errno
 import functools
 import ipaddress
 import os
@@ -31,8 +32,8 @@ from typing import Any
 
 from bsd_ovpn import config as configmod
 from bsd_ovpn.errors import ConfigError, LocalProtocolError, OvpnError
-from bsd_ovpn.ifovpn import DelReason
-from bsd_ovpn.interface import Float, Interface, PeerDeleted, RotateKey
+from bsd_ovpn.ifovpn import Command, DelReason
+from bsd_ovpn.interface import Float, Interface, PeerDeleted, PipelineFailure, RotateKey
 from bsd_ovpn.proto import events as ev
 from bsd_ovpn.proto.keymethod import IVProto
 from bsd_ovpn.proto.server import ClientEvent, ServerEndpoint, ServerSettings
@@ -348,11 +349,20 @@ class ServerDaemon:
             while (ce := self.endpoint.next_event()) is not None:
                 batch.append(ce)
             ending = {ce.peer_id for ce in batch if isinstance(ce.event, ev.ConnectionTerminated)}
-            for ce in batch:
-                try:
-                    self._on_event(ce, now, ending)
-                except (OvpnError, OSError) as exc:
-                    self._fail_client(ce.peer_id, f"{type(exc).__name__}: {exc}", now)
+            # every client's if_ovpn steps of this batch in one engine round trip
+            # (the kernel runs them one by one); failures come back per client
+            failures: list[PipelineFailure] = []
+            with self.ifc.pipelined(collect=failures):
+                for ce in batch:
+                    try:
+                        self._on_event(ce, now, ending)
+                    except (OvpnError, OSError) as exc:
+                        self._fail_client(ce.peer_id, f"{type(exc).__name__}: {exc}", now)
+            for f in failures:
+                if f.command is Command.OVPN_DEL_PEER and f.error.errno == _errno.ENOENT:
+                    continue                    # already gone: what DEL_PEER wanted
+                if f.peer_id is not None:
+                    self._fail_client(f.peer_id, f"{type(f.error).__name__}: {f.error}", now)
             out = self.endpoint.datagrams_to_send_from(now)
             for data, addr, local in out:
                 if local is not None and self.send_from is not None:
@@ -393,10 +403,11 @@ class ServerDaemon:
             self._start_auth_script(rec, e)
         elif isinstance(e, ev.KeysReady):
             new = pid not in self.dc.peers
-            with self.ifc.pipelined():          # one engine round trip, not four
-                if new:
-                    self._add_peer(rec)
-                self.dc.apply(pid, e)
+            # held by pump()'s pipelined block: NEW_PEER, SET_PEER, NEW_KEY and START_VPN
+            # leave with every other client's steps of the batch, in one round trip
+            if new:
+                self._add_peer(rec)
+            self.dc.apply(pid, e)
             if new:
                 self._add_iroutes(rec)          # step 5: the link is up now
             rec.last_handshake = self.wall()

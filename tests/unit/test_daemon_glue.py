@@ -8,6 +8,7 @@ replies, packed exactly as the kernel packs them.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -21,7 +22,7 @@ from bsd_ovpn.daemon.client import ClientDaemon
 from bsd_ovpn.daemon.netcfg import RecordingNetConfig
 from bsd_ovpn.daemon.server import ServerDaemon
 from bsd_ovpn.daemon.status import render_prometheus, render_status_file, render_text
-from bsd_ovpn.errors import ConfigError
+from bsd_ovpn.errors import ConfigError, IfOvpnError
 from bsd_ovpn.ifovpn import Command
 from bsd_ovpn.interface import Interface
 from bsd_ovpn.proto import events as ev
@@ -855,3 +856,46 @@ def test_server_sends_replies_during_a_long_batch(files) -> None:
     n.d.clock = n.clock
     n.d.datagrams_received(batch, n.clock.t)
     assert seen == [4, 4, 4, 4]
+
+
+def test_server_batches_clients_steps_and_drops_only_the_failed_one(files) -> None:
+    """Clients that finish their handshakes in one batch of datagrams get their if_ovpn
+    steps in one pipelined round trip; a failed step drops its own client only."""
+    n = ServerNet(files)
+    second = ("192.0.2.3", 40001)
+    _s2, events2 = n.add_client(second)
+    rounds: list[int] = []
+
+    def request_many(ifname, reqs):          # what the engine transport offers
+        rounds.append(len(reqs))
+        errors = []
+        for command, data, fd in reqs:
+            try:
+                n.tr.request(ifname, command, data, fd=fd)
+                errors.append(None)
+            except IfOvpnError as exc:
+                errors.append(exc)
+        return errors
+
+    n.tr.request_many = request_many        # type: ignore[attr-defined]
+    n.tr.fail(C.OVPN_NEW_PEER, errno.ENOMEM)  # the first NEW_PEER of the batch fails
+    now = n.clock.t
+    for _ in range(40):                      # every client's datagrams in one batch
+        batch = [(d, addr, None) for addr, (s, _e) in n.clients.items()
+                 for d in s.datagrams_to_send(now)]
+        if not batch and not n.out:
+            break
+        n.d.datagrams_received(batch, now)
+        out, n.out = n.out, []
+        for d, addr in out:
+            n.clients[addr][0].receive_datagram(d, now)
+        for s, events in n.clients.values():
+            while (e := s.next_event()) is not None:
+                events.append(e)
+    assert calls(n.tr).count("NEW_PEER") == 2
+    # both clients' steps left together: NEW_PEER+SET_PEER+NEW_KEY+START_VPN twice
+    assert max(rounds) >= 8, rounds
+    assert len(n.d.records) == 1
+    [(pid, rec)] = n.d.records.items()
+    assert rec.connected_since is not None
+    assert any(isinstance(e, ev.KeysReady) for e in (n.c_events + events2))

@@ -254,10 +254,47 @@ def test_pipelined_requests_run_in_order_and_name_the_failing_command(engine):
             a.new_peer(7, s, ("127.0.0.1", 1194))
             raise RuntimeError("boom")
     assert sorted(a.peer_stats()) == [7]
-    with pytest.raises(ValidationError, match="do not nest"):
+    # a block inside another joins it: nothing leaves before the outer block ends
+    with a.pipelined():
         with a.pipelined():
-            with a.pipelined():
-                pass
+            a.new_peer(8, s, ("127.0.0.1", 1195))
+        assert a._held is not None and len(a._held) == 1      # noqa: SLF001
+    assert sorted(a.peer_stats()) == [7, 8]
+    s.close()
+    a.destroy()
+
+
+def test_pipelined_collect_reports_every_failure_with_its_client(engine):
+    """A server batching several clients' steps learns each client that failed:
+    every failure, named by command, with the peer it belonged to (START_VPN,
+    interface-wide, belongs to the peer whose NEW_KEY it followed)."""
+    from bsd_ovpn.ifovpn import Command
+    from bsd_ovpn.interface import PipelineFailure
+
+    tr, _host = engine
+    a = Interface.create(transport=tr)
+    s = udp()
+    key = KeyMaterial(bytes(32), bytes(8))
+    a.new_peer(5, s, ("127.0.0.1", 1194))
+    failures: list[PipelineFailure] = []
+    with a.pipelined(collect=failures):
+        a.new_peer(5, s, ("127.0.0.1", 1194))        # exists: EEXIST, peer 5
+        a.new_peer(6, s, ("127.0.0.1", 1196))        # fine
+        a.new_key(6, KeySlot.PRIMARY, 0, "AES-256-GCM", encrypt=key, decrypt=key)
+        a.start_vpn()
+        a.set_peer(9, 10, 60)                        # never added: ENOENT, peer 9
+        a.del_peer(11)                               # ENOENT, peer 11
+    assert [(f.command, f.peer_id) for f in failures] == [
+        (Command.OVPN_NEW_PEER, 5), (Command.OVPN_SET_PEER, 9), (Command.OVPN_DEL_PEER, 11)]
+    assert isinstance(failures[0].error, IfOvpnExists)
+    assert "peer id 5 already exists" in str(failures[0].error)
+    assert isinstance(failures[1].error, IfOvpnNotFound)
+    assert sorted(a.peer_stats()) == [5, 6]          # the requests after a failure ran
+    # collect belongs to its block only: the next block raises again
+    with pytest.raises(IfOvpnNotFound):
+        with a.pipelined():
+            a.set_peer(9, 10, 60)
+    assert len(failures) == 3
     s.close()
     a.destroy()
 
