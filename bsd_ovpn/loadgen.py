@@ -63,6 +63,14 @@ from bsd_ovpn.proto.session import Session, SessionSettings
 from bsd_ovpn.proto.tls import TLSConfig
 
 _RECV_SIZE = 65535
+#: During a burst of starts (or rekeys), replies are read at most this often.
+#: Reading them after every few starts made the offered load follow the server
+#: under test: the faster its replies came, the more of the burst's time went
+#: to answering them and the later the last clients started, so "all at once"
+#: meant anything from 1 to 4 s.  Timed reads keep the burst as fast as the
+#: generator can make it for every server, and still read the sockets long
+#: before any retransmission timer.
+_BURST_READ_INTERVAL = 0.05
 _MAX_CLIENTS = 100_000
 _CLONE_NEWNET = 0x40000000
 # Young-generation threshold of the cyclic GC inside a worker (CPython's default is 700).
@@ -339,7 +347,7 @@ class _Worker:
 
     def rekey_all(self) -> None:
         now = self.clock()
-        n = 0
+        read_at = now + _BURST_READ_INTERVAL
         for c in self.clients:
             s = c.session
             if s is None or s.terminated is not None or c.rec.connected is None:
@@ -356,9 +364,9 @@ class _Worker:
             c.rec.new_key_data = 0
             self._service(c, now)
             now = self.clock()
-            n += 1
-            if n % 32 == 0:                 # keep answering the server during the burst
+            if now >= read_at:              # keep answering the server during the burst
                 self._drain_ready()
+                read_at = self.clock() + _BURST_READ_INTERVAL
         self.phase = "rekey"
 
     def close_all(self, linger: float) -> None:
@@ -490,13 +498,15 @@ class _Worker:
             if isinstance(c, _Client):
                 self._receive(c, self.clock())
         now = self.clock()
+        read_at = now + _BURST_READ_INTERVAL
         while self.pending_starts and self.pending_starts[-1][0] <= now:
             _, c = self.pending_starts.pop()
             self._start(c, now)
             now = self.clock()
             # keep answering the server while a burst of starts goes out
-            if len(self.pending_starts) % 32 == 0:
+            if now >= read_at:
                 self._drain_ready()
+                read_at = self.clock() + _BURST_READ_INTERVAL
         h = self.heap
         due: list[_Client] = []
         while h:
