@@ -359,6 +359,28 @@ def test_peer_stats_doubles_the_buffer_on_enospc(ifc, tr):
     assert [q[2] for q in tr.queries] == [4096, 8192, 16384]
 
 
+def test_peer_stats_starts_at_the_size_that_last_sufficed(ifc, tr):
+    """Each ENOSPC means a whole reply built for nothing: the next GET starts at the
+    buffer size that worked, grows again if needed, and shrinks when replies do."""
+    big, small = _many_peers(40), _many_peers(1)
+    tr.script(Command.OVPN_GET_PEER_STATS, big, big, big)      # 4096, 8192: ENOSPC
+    assert len(ifc.peer_stats()) == 40
+    tr.calls.clear()
+    tr.script(Command.OVPN_GET_PEER_STATS, big)
+    assert len(ifc.peer_stats()) == 40
+    assert [q[2] for q in tr.queries] == [16384]               # no refusal this time
+    bigger = _many_peers(80)
+    tr.calls.clear()
+    tr.script(Command.OVPN_GET_PEER_STATS, bigger, bigger)
+    assert len(ifc.peer_stats()) == 80
+    assert [q[2] for q in tr.queries] == [16384, 32768]
+    tr.calls.clear()
+    tr.script(Command.OVPN_GET_PEER_STATS, small, small)       # peers left
+    ifc.peer_stats()
+    ifc.peer_stats()
+    assert [q[2] for q in tr.queries] == [32768, 4096]
+
+
 def test_peer_stats_doubling_is_bounded(ifc, tr):
     steps = (MAX_REPLY_BUFSIZE // 4096).bit_length()
     tr.fail(Command.OVPN_GET_PEER_STATS, errno.ENOSPC, times=steps + 5)
