@@ -231,6 +231,8 @@ class ServerDaemon:
         self.clock = clock
         self.wall = wall
         self.call_soon = call_soon or (lambda fn: fn())
+        #: new clients whose iroutes wait for their batch of if_ovpn steps (pump)
+        self._iroutes_due: list[ClientRecord] = []
         self.dc = IfOvpnPeers(ifc, sock, clock=clock, drain_spacing=ENGINE_DRAIN_SPACING
                               if engine == "userspace" else 0.0)
         self.pool = AddressPool(cfg)
@@ -363,6 +365,12 @@ class ServerDaemon:
                     continue                    # already gone: what DEL_PEER wanted
                 if f.peer_id is not None:
                     self._fail_client(f.peer_id, f"{type(f.error).__name__}: {f.error}", now)
+            # iroutes go via the client's VPN address: only once START_VPN brought the
+            # link up and only for clients whose steps all succeeded
+            due, self._iroutes_due = self._iroutes_due, []
+            for rec in due:
+                if self.records.get(rec.peer_id) is rec and rec.peer_id in self.dc.peers:
+                    self._add_iroutes(rec)
             out = self.endpoint.datagrams_to_send_from(now)
             for data, addr, local in out:
                 if local is not None and self.send_from is not None:
@@ -409,7 +417,7 @@ class ServerDaemon:
                 self._add_peer(rec)
             self.dc.apply(pid, e)
             if new:
-                self._add_iroutes(rec)          # step 5: the link is up now
+                self._iroutes_due.append(rec)   # step 5, once the link is up (pump)
             rec.last_handshake = self.wall()
             rec.cipher = e.keys.cipher
             self.heap.note()                    # its TLS handshake is over
