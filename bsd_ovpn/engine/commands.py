@@ -50,10 +50,13 @@ Where the engine deliberately differs from the kernel:
 * Data path (see :mod:`.dataplane`): "transport in" counts only the
   datagrams steered to the engine (the kernel counts every datagram on the
   socket); past 2**32-1 TX packets a key stays refused (the kernel resets the
-  counter and reuses a nonce); when the peer ids form more than
-  ``steering.MAX_TREE_RUNS`` (681) runs of consecutive ids the steering
-  falls back to the opcode alone and P_DATA_V2 for unknown peer ids is
-  dropped (lost_data) instead of reaching the control plane.
+  counter and reuses a nonce); P_DATA_V2 for an unknown peer id that
+  shares a 64-id block with a known one (the steering program works on
+  whole blocks, so that it changes once per 64 new peers, not per peer) is
+  dropped by the engine (lost_data) instead of reaching the control plane,
+  and so is every unknown id when the blocks form more than
+  ``steering.MAX_TREE_RUNS`` (681) runs and the steering falls back to the
+  opcode alone (see :mod:`.steering`).
 * Notifications cannot wake the control plane's socket (the kernel sets
   ``so_error = EAGAIN`` on it); controllers poll POLL_PKT/GET_PKT, which
   OpenVPN and bsd_ovpn's daemons do anyway.
@@ -205,8 +208,9 @@ class IfState:
 # nvlist helpers: the kernel's lookups by (name, type)
 # ---------------------------------------------------------------------------
 
-_NUMBER, _STRING, _NVLIST, _BINARY = (nv.NVType.NUMBER, nv.NVType.STRING, nv.NVType.NVLIST,
-                                       nv.NVType.BINARY)
+# plain ints: NVList.get_typed converts an NVType member with int() on every call
+_NUMBER, _STRING, _NVLIST, _BINARY = (int(nv.NVType.NUMBER), int(nv.NVType.STRING),
+                                       int(nv.NVType.NVLIST), int(nv.NVType.BINARY))
 
 
 def _find(nvl: nv.NVList, name: str, nvtype: int) -> Any:
@@ -412,23 +416,66 @@ class Engine:
         ifs = self.interfaces.get(ifname)
         if ifs is None:
             return E.ENXIO
+        err, nvl = self._parse_set(cmd, data)
+        if err:
+            return err
+        self.sync(ifs)
+        return self._run_set(ifs, cmd, nvl, fd)
+
+    def handle_set_many(self, ifname: str,
+                        requests: list[tuple[int, bytes | None, int | None]],
+                        on_crash: Callable[[int, Exception], int] | None = None) -> list[int]:
+        """Several SET requests on one interface, in order: each one's errno.
+
+        Each request runs exactly as :meth:`handle_set` would run it, a
+        failure not stopping the ones after it, except that data-plane events
+        and due timers are processed once, before the first request that
+        gets that far, instead of before each: the batch is one instant on
+        the engine's clock (its requests arrived together).  ``on_crash``
+        turns an unexpected exception of one request into its errno (the
+        daemon logs it and answers EIO); without it the exception propagates.
+        """
+        ifs = self.interfaces.get(ifname)
+        if ifs is None:
+            return [E.ENXIO] * len(requests)
+        out = []
+        synced = False
+        for cmd, data, fd in requests:
+            try:
+                err, nvl = self._parse_set(cmd, data)
+                if not err:
+                    if not synced:
+                        self.sync(ifs)
+                        synced = True
+                    err = self._run_set(ifs, cmd, nvl, fd)
+            except Exception as exc:
+                if on_crash is None:
+                    raise
+                err = on_crash(cmd, exc)
+            out.append(err)
+        return out
+
+    def _parse_set(self, cmd: int, data: bytes | None) -> tuple[int, nv.NVList | None]:
+        """A SET request's checks before its command runs: (errno or 0, nvlist)."""
         nvl: nv.NVList | None = None
         if data:
             if len(data) > MAX_REQUEST_SIZE:
-                return E.E2BIG
+                return E.E2BIG, None
             try:
                 nvl = nv.unpack(data, flags=0, nfds=0)
             except nv.NVError:
-                return E.EINVAL
-        handler = self._SET.get(cmd)
-        if handler is None:
-            return E.ENOTSUP
-        self.sync(ifs)
+                return E.EINVAL, None
+        if cmd not in self._SET:
+            return E.ENOTSUP, None
+        return 0, nvl
+
+    def _run_set(self, ifs: IfState, cmd: int, nvl: nv.NVList | None, fd: int | None) -> int:
+        """The command's own checks and effect: 0 or its errno."""
         try:
             if cmd == Command.OVPN_NEW_PEER:
                 self._new_peer(ifs, nvl, fd)
             else:
-                handler(self, ifs, nvl)
+                self._SET[cmd](self, ifs, nvl)
         except CommandError as exc:
             return exc.errno
         return 0

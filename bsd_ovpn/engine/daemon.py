@@ -15,9 +15,29 @@ Wire format (all integers big-endian):
 
 * request: ``"OVE1"``, op u8, 3 pad, ifname[16], name2[16], command u64,
   bufsize u64, then the packed nvlist (SET) — ops: 1 set, 2 get, 3 create
-  (ifname = requested name), 4 destroy, 5 rename (name2 = new name), 6 list;
+  (ifname = requested name), 4 destroy, 5 rename (name2 = new name), 6 list,
+  7 batch (below);
 * reply: ``"OVE1"``, errno u32, then the GET reply / created name / the
   NUL-separated interface list.
+
+Batch (op 7): N SET requests on one interface in one message, so a new
+client's NEW_PEER + SET_PEER + NEW_KEY + START_VPN cost one message and one
+reply instead of four of each (the per-message syscalls were most of the
+engine's and the caller's cost per client).  The header's ``command`` field
+is N (1..:data:`MAX_BATCH`), ``name2`` and ``bufsize`` are zero; then N
+entries, each ``command u64, length u32, fd index i32`` (:data:`ENTRY`)
+followed by ``length`` bytes of packed nvlist.  The fd index is -1 (no
+descriptor) or an index into the message's SCM_RIGHTS array (at most
+:data:`MAX_BATCH_FDS` descriptors; one socket used by several NEW_PEERs
+travels once).  The whole message is at most ``REQ.size + MAX_DATA`` bytes.
+Every entry runs, in order, exactly as the same op-1 request would (its own
+errno; a failure does not stop the ones after it).  Reply: ``"OVE1"``,
+errno 0, then N errnos u32 in entry order.  A batch that is not well formed
+(N out of range, an entry running past the end, bytes left over, an fd
+index without a descriptor, too many descriptors) runs nothing and is
+answered with errno EINVAL alone (E2BIG when larger than the frame), and
+the engine logs what was wrong.  An engine without batches answers
+EOPNOTSUPP, also running nothing.
 """
 from __future__ import annotations
 
@@ -43,8 +63,19 @@ log = logging.getLogger("bsd_ovpn.engine")
 MAGIC = b"OVE1"
 REQ = struct.Struct("!4sB3x16s16sQQ")
 REP = struct.Struct("!4sI")
-OP_SET, OP_GET, OP_CREATE, OP_DESTROY, OP_RENAME, OP_LIST = range(1, 7)
+OP_SET, OP_GET, OP_CREATE, OP_DESTROY, OP_RENAME, OP_LIST, OP_BATCH = range(1, 8)
 MAX_DATA = 65536                 # larger SET requests are answered E2BIG
+#: a batch entry: command u64, length u32, fd index i32 (-1: none)
+ENTRY = struct.Struct("!QIi")
+#: requests in one batch; descriptors in one message
+MAX_BATCH = 256
+MAX_BATCH_FDS = 16
+# plain ints: the socket module's MsgFlag members make every ``&`` an enum call
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_ANC_SPACE = socket.CMSG_SPACE(MAX_BATCH_FDS * 4)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 SOCK_BUF = 8 << 20               # replies to GET_PEER_STATS can be large
 ROUTE_REFRESH = 1.0
 #: requests answered per client per selector wake-up (pipelined requests)
@@ -92,10 +123,30 @@ class LinuxHost:
         self.tuns: dict[str, tunmod.LinuxTun | tunmod.FreeBSDTun] = {}
         # name -> (control socket kept alive like the kernel's soref, engine socket)
         self.sockets: dict[str, tuple[socket.socket, socket.socket]] = {}
-        # name -> the steering program last attached to its engine socket
-        self._programs: dict[str, list[steering.Insn]] = {}
+        # name -> (the PeerIdSet, its layout, the program) last attached to its
+        # engine socket
+        self._programs: dict[str, tuple[steering.PeerIdSet, int, list[steering.Insn]]] = {}
+        # name -> what inspect_socket said of its hooked socket (bound ones only)
+        self._hooked_info: dict[str, SocketInfo] = {}
 
     def inspect_socket(self, fd: int) -> SocketInfo:
+        """The kernel's getsock + sosockaddr; a hooked socket is recognised, not re-read.
+
+        Every NEW_PEER of a server brings the same socket: one fstat names it
+        (st_dev/st_ino: the same socket through any descriptor, and not
+        reusable while the engine holds its dup) instead of a dup, a socket
+        object, getsockname and close per peer.  Only bound sockets are
+        remembered: a bound UDP socket cannot be bound again, so its address
+        stays what it was (short of connect(), which the steering already
+        rules out for the control socket, see :mod:`.steering`).  Any other
+        socket is inspected and checked in full.
+        """
+        if self._hooked_info:
+            st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino)
+            for info in self._hooked_info.values():
+                if info.ident == ident:
+                    return info
         return inspect_socket(fd)
 
     def select_source(self, remote: KAddr) -> bytes:
@@ -126,6 +177,8 @@ class LinuxHost:
             self.sockets[new_name] = self.sockets.pop(name)
         if name in self._programs:
             self._programs[new_name] = self._programs.pop(name)
+        if name in self._hooked_info:
+            self._hooked_info[new_name] = self._hooked_info.pop(name)
 
     def set_link_up(self, name: str) -> None:
         self.tuns[name].set_up()
@@ -160,12 +213,20 @@ class LinuxHost:
             raise
         self.sockets[name] = (control, engine)
         self._programs.pop(name, None)
+        self._hooked_info.pop(name, None)
         dataplane.attach(engine.fileno(), self.tuns[name].fd)
+        try:
+            info = inspect_socket(control.fileno())
+        except OSError:
+            return
+        if info.local is not None and info.local[2] != 0:
+            self._hooked_info[name] = info
 
     def unhook_socket(self, name: str, dataplane: DataPlane) -> None:
         dataplane.detach()
         pair = self.sockets.pop(name, None)
         self._programs.pop(name, None)
+        self._hooked_info.pop(name, None)
         if pair is None:
             return
         control, engine = pair
@@ -177,19 +238,23 @@ class LinuxHost:
         control.close()
 
     def set_steering(self, name: str, peer_ids: steering.PeerIdSet) -> None:
-        """Re-attach the program for ``peer_ids``; O(runs of consecutive ids).
+        """Re-attach the block program for ``peer_ids`` when its blocks changed.
 
-        Skipped when the program would not change (the opcode-only fallback,
-        or the same runs), so a change costs one setsockopt at most.
+        O(1) when ``peer_ids.layout`` is what it was at the last attach (the
+        common dense case: 63 of 64 NEW_PEERs); else O(runs of blocks) to
+        build the program, and the setsockopt is still skipped when the
+        program comes out the same (e.g. the opcode-only fallback).
         """
         pair = self.sockets.get(name)
         if pair is None:
             return
-        prog = steering.steering_program(peer_ids)
-        if self._programs.get(name) == prog:
+        last = self._programs.get(name)
+        if last is not None and last[0] is peer_ids and last[1] == peer_ids.layout:
             return
-        steering.attach_program(pair[1], prog)
-        self._programs[name] = prog
+        prog = steering.block_program(peer_ids)
+        if last is None or last[2] != prog:
+            steering.attach_program(pair[1], prog)
+        self._programs[name] = (peer_ids, peer_ids.layout, prog)
 
     def gateway_routes(self, name: str) -> list:
         return tunmod.gateway_routes(name)
@@ -318,26 +383,30 @@ class EngineDaemon:
         Clients may pipeline requests (send several, then read the replies in
         order); draining them here saves a selector round and a timer pass
         per request, and the cap keeps one busy client from starving others.
+        A batch ends the drain: its sender (EngineTransport) waits for the
+        reply before it sends again, so another read would only cost a
+        syscall and an EAGAIN; if more is queued after all, the next select
+        reports it.
         """
         for _ in range(MAX_PER_WAKEUP):
             if not self._serve_one(conn):
                 return
 
     def _serve_one(self, conn: socket.socket) -> bool:
-        """One request and its reply; False when nothing is queued or ``conn`` closed."""
+        """One message and its reply; False when nothing more is expected (nothing
+        queued, ``conn`` closed, or the message was a batch)."""
         fds = array.array("i")
         try:
             # into a buffer kept for the daemon's life: recvmsg() would allocate
             # (and free) 64 KiB per call, the final EAGAIN of each drain included
-            n, anc, flags, _ = conn.recvmsg_into([self._rbuf],
-                                                 socket.CMSG_SPACE(4 * fds.itemsize))
+            n, anc, flags, _ = conn.recvmsg_into([self._rbuf], _ANC_SPACE)
             msg = bytes(self._rview[:n])
         except BlockingIOError:
             return False
         except OSError:
             msg, anc, flags = b"", [], 0
         for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
         try:
             if not msg:
@@ -349,7 +418,7 @@ class EngineDaemon:
                 conn.sendmsg([reply])
             except OSError as exc:
                 log.warning("engine: cannot reply to a client: %s", exc)
-            return True
+            return len(msg) <= 4 or msg[4] != OP_BATCH
         finally:
             for fd in fds:
                 os.close(fd)
@@ -365,10 +434,12 @@ class EngineDaemon:
         eng = self.engine
         try:
             if op == OP_SET:
-                if flags & socket.MSG_TRUNC:
+                if flags & _MSG_TRUNC:
                     return REP.pack(MAGIC, E.E2BIG if ifname in eng.interfaces else E.ENXIO)
                 err = eng.handle_set(ifname, cmd, data or None, fds[0] if fds else None)
                 return REP.pack(MAGIC, err)
+            if op == OP_BATCH:
+                return self._batch(ifname, cmd, name2, bufsize, data, flags, fds)
             if op == OP_GET:
                 err, out = eng.handle_get(ifname, cmd, bufsize)
                 return REP.pack(MAGIC, err) + out
@@ -386,6 +457,58 @@ class EngineDaemon:
             log.exception("engine: request op %d on %r failed", op, ifname)
             return REP.pack(MAGIC, E.EIO)
         return REP.pack(MAGIC, E.EOPNOTSUPP)
+
+    def _batch(self, ifname: str, count: int, name2: bytes, bufsize: int, body: bytes,
+               flags: int, fds: list[int]) -> bytes:
+        """Op 7: check the whole batch first (nothing runs if it is malformed), then
+        run every entry in order, each as its own op-1 request would run."""
+        entries, why = parse_batch(count, name2, bufsize, body, flags, len(fds))
+        if entries is None:
+            log.warning("engine: refused a malformed batch for %r: %s", ifname, why)
+            return REP.pack(MAGIC, E.E2BIG if flags & _MSG_TRUNC else E.EINVAL)
+
+        def crashed(cmd: int, exc: Exception) -> int:  # that request's EIO, as for op 1
+            log.error("engine: batched command %d on %r failed", cmd, ifname, exc_info=exc)
+            return E.EIO
+
+        errs = self.engine.handle_set_many(
+            ifname, [(cmd, data or None, fds[fdi] if fdi >= 0 else None)
+                     for cmd, data, fdi in entries], crashed)
+        return REP.pack(MAGIC, 0) + struct.pack(f"!{len(errs)}I", *errs)
+
+
+def parse_batch(count: int, name2: bytes, bufsize: int, body: bytes, flags: int,
+                nfds: int) -> tuple[list[tuple[int, bytes, int]] | None, str]:
+    """A batch's entries as (command, data, fd index), or (None, what is wrong).
+
+    Trusts no length: every entry header and body is checked against what
+    was received, the count against :data:`MAX_BATCH`, fd indexes against
+    the descriptors that actually arrived.
+    """
+    if flags & _MSG_TRUNC:
+        return None, f"larger than {REQ.size + MAX_DATA} bytes"
+    if flags & _MSG_CTRUNC:
+        return None, f"more than {MAX_BATCH_FDS} descriptors"
+    if not 1 <= count <= MAX_BATCH:
+        return None, f"{count} requests (1..{MAX_BATCH} allowed)"
+    if bufsize or name2.strip(b"\0"):
+        return None, "name2/bufsize set"
+    entries = []
+    pos, end, esize = 0, len(body), ENTRY.size
+    for i in range(count):
+        if end - pos < esize:
+            return None, f"entry {i} of {count} is cut short"
+        cmd, length, fdi = ENTRY.unpack_from(body, pos)
+        pos += esize
+        if length > end - pos:
+            return None, f"entry {i} says {length} bytes, {end - pos} left"
+        if not -1 <= fdi < nfds:
+            return None, f"entry {i} names descriptor {fdi}, {nfds} sent"
+        entries.append((cmd, body[pos:pos + length], fdi))
+        pos += length
+    if pos != end:
+        return None, f"{end - pos} bytes after the last entry"
+    return entries, ""
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -17,19 +17,35 @@ split with SO_REUSEPORT:
   the group: the control plane's socket joined first (index 0), the engine's
   second (index 1);
 * the program returns 1 (engine) when the payload is at least 8 bytes, its
-  first byte >> 3 is 9 (P_DATA_V2) and the 24-bit peer id after it names a
-  known peer; otherwise 0 (control plane).  Those are the kernel filter's
-  three conditions, in its order.  The known ids are kept as runs of
+  first byte >> 3 is 9 (P_DATA_V2) and the 24-bit peer id after it lies in
+  a *steered block*; otherwise 0 (control plane).  The kernel's filter tests
+  the same three conditions, in this order, except that its third one is
+  "names a known peer".  The known ids are kept exactly, as runs of
   consecutive ids (:class:`PeerIdSet`, updated in O(log runs) per add or
-  delete), and the program is a binary compare tree over those runs,
-  regenerated and re-attached atomically on every peer add/delete.  A
-  server hands out peer ids densely from 0, so 1000 peers are usually one
-  run: the program stays 12 instructions and an add or delete costs the
-  same at 1 and at 1000 peers (it used to be a tree over every id, rebuilt
-  and packed on every change: O(peers) each, O(peers^2) per connect burst,
-  which was half of the engine's CPU with 1000 clients).  Only ids scattered
-  into more than :data:`MAX_TREE_RUNS` (681) runs overflow BPF_MAXINSNS; the
-  program then tests the opcode alone (see :func:`steering_program`).
+  delete), and with them the :data:`STEER_BLOCK`-aligned blocks of 64 ids
+  that hold at least one known id.  The program is a binary compare tree
+  over the runs of those blocks (:func:`block_program`), re-attached
+  atomically only when a block gains its first peer or loses its last one
+  (``PeerIdSet.layout`` changes).
+
+  Why blocks: an exact program changes on every NEW_PEER and DEL_PEER, and
+  re-attaching it (SO_ATTACH_REUSEPORT_CBPF: the kernel checks, converts and
+  JITs the program) was a fifth of the engine's CPU per new client.  A
+  server hands out peer ids densely from 0, so with blocks a connect burst
+  re-attaches once per 64 clients, and 1000 peers are still one run (a
+  12-instruction program).  The price, and the one place where the split
+  differs from the kernel's: a P_DATA_V2 whose id is *not* a peer but
+  shares a block with one reaches the engine, which drops it and counts it
+  (lost_data in), where the kernel would hand it to the control plane --
+  which drops it too (no session has that peer id: data packets of unknown
+  or deleted peers are useless to it).  Every datagram that is not
+  P_DATA_V2, and every P_DATA_V2 outside the steered blocks, still reaches
+  the control plane, and every P_DATA_V2 of a known peer the engine
+  (tests/unit/test_engine_steering.py checks both exactly on real sockets).
+  :func:`steering_program` is the exact form, for reference and tests.
+  Only ids scattered into more than :data:`MAX_TREE_RUNS` (681) runs of
+  blocks overflow BPF_MAXINSNS; the program then tests the opcode alone
+  and the engine drops every unknown id the same way.
 
 For a reuseport program the packet data starts at the UDP payload, and a load
 past the end makes the program return 0, so short datagrams go to the control
@@ -92,6 +108,10 @@ _HEAD_LEN = 9
 #: BPF_MAXINSNS; the program then steers on the opcode alone (see
 #: :func:`steering_program`).
 MAX_TREE_RUNS = (BPF_MAXINSNS - _HEAD_LEN + 2) // 6
+#: The engine's program steers whole aligned blocks of this many ids (a
+#: power of two, so blocks tile the 24-bit range): see the module docstring.
+STEER_BLOCK_BITS = 6
+STEER_BLOCK = 1 << STEER_BLOCK_BITS
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k)
 _INSN = struct.Struct("=HBBI")      # struct sock_filter
@@ -101,29 +121,22 @@ class SteeringError(OvpnError):
     """The shared-port split could not be set up (says which step failed)."""
 
 
-class PeerIdSet:
-    """A set of 24-bit peer ids stored as sorted runs of consecutive ids.
+class _Runs:
+    """A set of non-negative ints stored as sorted runs of consecutive values.
 
-    Why runs: the program's size follows the number of runs, not of ids, and
-    servers allocate ids densely, so the common case is one run however many
-    peers there are.  ``add``/``discard`` cost a binary search plus at most one
-    list insert/delete (a memmove of the run lists): no full sort per change.
-    Iterating gives the ids in ascending order.
+    ``add``/``discard`` cost a binary search plus at most one list
+    insert/delete (a memmove of the run lists): no full sort per change.
     """
 
     __slots__ = ("_lo", "_hi", "_count")
 
-    def __init__(self, ids: Iterable[int] = ()) -> None:
-        self._lo: list[int] = []        # first id of each run, ascending
-        self._hi: list[int] = []        # last id of the same run
+    def __init__(self) -> None:
+        self._lo: list[int] = []        # first value of each run, ascending
+        self._hi: list[int] = []        # last value of the same run
         self._count = 0
-        for pid in sorted(set(ids)):
-            self.add(pid)
 
     def add(self, pid: int) -> bool:
-        """Add ``pid``; False if it was already there.  ValueError if not 24-bit."""
-        if not 0 <= pid <= MAX_PEER_ID:
-            raise ValueError(f"peer id {pid} is not a 24-bit number (steering)")
+        """Add ``pid``; False if it was already there."""
         lo, hi = self._lo, self._hi
         i = bisect.bisect_right(lo, pid) - 1          # the run starting at or before pid
         if i >= 0 and pid <= hi[i]:
@@ -164,7 +177,7 @@ class PeerIdSet:
         return True
 
     def runs(self) -> list[tuple[int, int]]:
-        """The (first, last) id of every run, ascending (a copy)."""
+        """The (first, last) value of every run, ascending (a copy)."""
         return list(zip(self._lo, self._hi))
 
     @property
@@ -183,6 +196,66 @@ class PeerIdSet:
     def __iter__(self) -> Iterator[int]:
         for first, last in zip(self._lo, self._hi):
             yield from range(first, last + 1)
+
+
+class PeerIdSet(_Runs):
+    """A set of 24-bit peer ids stored as sorted runs of consecutive ids.
+
+    Why runs: the program's size follows the number of runs, not of ids, and
+    servers allocate ids densely, so the common case is one run however many
+    peers there are.  Iterating gives the ids in ascending order.
+
+    Beside the exact ids the set keeps the :data:`STEER_BLOCK`-aligned blocks
+    that hold at least one of them (a count per block, and the blocks as runs)
+    and :attr:`layout`, a number that changes exactly when that block set
+    changes: the steering program is built over the blocks
+    (:func:`block_program`), so a caller re-attaches it only when ``layout``
+    moved -- once per 64 ids of a dense allocation, not once per peer.
+    """
+
+    __slots__ = ("_blocks", "_block_runs", "layout")
+
+    def __init__(self, ids: Iterable[int] = ()) -> None:
+        super().__init__()
+        self._blocks: dict[int, int] = {}   # block number -> how many ids it holds
+        self._block_runs = _Runs()
+        #: changes whenever a block gains its first id or loses its last one
+        self.layout = 0
+        for pid in sorted(set(ids)):
+            self.add(pid)
+
+    def add(self, pid: int) -> bool:
+        """Add ``pid``; False if it was already there.  ValueError if not 24-bit."""
+        if not 0 <= pid <= MAX_PEER_ID:
+            raise ValueError(f"peer id {pid} is not a 24-bit number (steering)")
+        if not _Runs.add(self, pid):
+            return False
+        block = pid >> STEER_BLOCK_BITS
+        n = self._blocks.get(block, 0)
+        self._blocks[block] = n + 1
+        if not n:
+            self._block_runs.add(block)
+            self.layout += 1
+        return True
+
+    def discard(self, pid: int) -> bool:
+        """Remove ``pid`` (splitting its run if it is inside one); False if absent."""
+        if not _Runs.discard(self, pid):
+            return False
+        block = pid >> STEER_BLOCK_BITS
+        n = self._blocks[block] - 1
+        if n:
+            self._blocks[block] = n
+        else:
+            del self._blocks[block]
+            self._block_runs.discard(block)
+            self.layout += 1
+        return True
+
+    def block_runs(self) -> list[tuple[int, int]]:
+        """The runs of steered ids: every block holding a peer, widened to whole blocks."""
+        return [(lo << STEER_BLOCK_BITS, (hi << STEER_BLOCK_BITS) | (STEER_BLOCK - 1))
+                for lo, hi in self._block_runs.runs()]
 
     def __repr__(self) -> str:
         return f"PeerIdSet({self.runs()!r})"
@@ -234,10 +307,11 @@ _HEAD: list[Insn] = [
 ]
 _LOAD_PEER_ID: list[Insn] = [(_LD_W_ABS, 0, 0, 0), (_ALU_AND_K, 0, 0, MAX_PEER_ID)]
 assert len(_HEAD) + len(_LOAD_PEER_ID) == _HEAD_LEN
+_OPCODE_ONLY: list[Insn] = _HEAD + [(_RET_K, 0, 0, ENGINE_INDEX)]
 
 
 def steering_program(peer_ids: PeerIdSet | Iterable[int] | None) -> list[Insn]:
-    """The classic BPF reuseport program for a set of known peer ids.
+    """The exact classic BPF reuseport program for a set of known peer ids.
 
     Cost and size follow the number of runs of consecutive ids (a
     :class:`PeerIdSet` is used as is; any other iterable is converted, which
@@ -245,17 +319,37 @@ def steering_program(peer_ids: PeerIdSet | Iterable[int] | None) -> list[Insn]:
     :data:`MAX_TREE_RUNS` runs, gives the opcode-only program: every
     P_DATA_V2 of 8+ bytes goes to the engine, which then drops those of
     unknown peers (counted lost_data) instead of leaving them to the control
-    plane.
+    plane.  The engine attaches :func:`block_program` instead (see the
+    module docstring); this exact form is the kernel's rule, kept for
+    reference and tests.
     """
     if peer_ids is None:
-        return _HEAD + [(_RET_K, 0, 0, ENGINE_INDEX)]
+        return list(_OPCODE_ONLY)
     ids = peer_ids if isinstance(peer_ids, PeerIdSet) else PeerIdSet(peer_ids)
-    if not len(ids):
+    return _program(ids._lo, ids._hi)
+
+
+def block_program(peer_ids: PeerIdSet | None) -> list[Insn]:
+    """The program the engine attaches: :func:`steering_program` over whole blocks.
+
+    Steers P_DATA_V2 whose peer id lies in a :data:`STEER_BLOCK`-aligned
+    block holding at least one known peer (``peer_ids.block_runs()``); it
+    changes only when ``peer_ids.layout`` does.
+    """
+    if peer_ids is None:
+        return list(_OPCODE_ONLY)
+    runs = peer_ids.block_runs()
+    return _program([r[0] for r in runs], [r[1] for r in runs])
+
+
+def _program(lo: list[int], hi: list[int]) -> list[Insn]:
+    """The program steering P_DATA_V2 of the ids in runs ``lo[i]..hi[i]`` to the engine."""
+    if not lo:
         return [(_RET_K, 0, 0, CONTROL_INDEX)]
-    if ids.run_count > MAX_TREE_RUNS:
-        return _HEAD + [(_RET_K, 0, 0, ENGINE_INDEX)]
+    if len(lo) > MAX_TREE_RUNS:
+        return list(_OPCODE_ONLY)
     prog = _HEAD + _LOAD_PEER_ID
-    _tree(prog, ids._lo, ids._hi, 0, ids.run_count)
+    _tree(prog, lo, hi, 0, len(lo))
     assert len(prog) <= BPF_MAXINSNS
     return prog
 

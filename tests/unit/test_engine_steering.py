@@ -3,7 +3,11 @@
 The program is a compare tree over runs of consecutive peer ids
 (:class:`~bsd_ovpn.engine.steering.PeerIdSet`); the checks below pin the
 kernel filter's three conditions on dense, gappy and edge-of-range id sets,
-and on sets edited by adds and deletes (which split and merge runs).
+and on sets edited by adds and deletes (which split and merge runs).  The
+engine attaches the same tree over whole 64-id blocks (``block_program``):
+its rule is "P_DATA_V2 of 8+ bytes whose id shares a block with a peer",
+checked as exactly, and the block set (``layout``) moves only when a block
+gains its first id or loses its last one.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from hypothesis import given, settings, strategies as st
 
 from bsd_ovpn.engine import steering
 from bsd_ovpn.engine.steering import (
-    BPF_MAXINSNS, CONTROL_INDEX, ENGINE_INDEX, MAX_TREE_RUNS, PeerIdSet, make_udp_socket,
-    open_engine_socket, run_program, steering_program,
+    BPF_MAXINSNS, CONTROL_INDEX, ENGINE_INDEX, MAX_TREE_RUNS, STEER_BLOCK, PeerIdSet,
+    block_program, make_udp_socket, open_engine_socket, run_program, steering_program,
 )
 
 TOP = 0xFFFFFF
@@ -32,6 +36,12 @@ def expected(payload: bytes, peers: set[int] | None) -> int:
         return ENGINE_INDEX
     pid = int.from_bytes(payload[1:4], "big")
     return ENGINE_INDEX if pid in peers else CONTROL_INDEX
+
+
+def widened(peers) -> set[int]:
+    """Every id sharing a 64-id aligned block with a peer: what block_program steers."""
+    return {b * STEER_BLOCK + k for b in {p // STEER_BLOCK for p in peers}
+            for k in range(STEER_BLOCK)}
 
 
 def data(op: int, peer_id: int, n: int = 24) -> bytes:
@@ -58,11 +68,17 @@ def probes(peers) -> list[int]:
     return sorted(x for x in out if 0 <= x <= TOP)
 
 
-def check(prog, peers) -> None:
-    for pid in probes(peers):
+def check(prog, peers, steered=None) -> None:
+    """``prog`` follows the kernel rule for ``peers`` (or for ``steered``: the block rule)."""
+    rule = set(peers) if steered is None else steered
+    edges = set(probes(peers))
+    if steered is not None:
+        edges.update(probes([b for p in peers for b in (p - p % STEER_BLOCK,
+                                                        p - p % STEER_BLOCK + STEER_BLOCK - 1)]))
+    for pid in sorted(x for x in edges if 0 <= x <= TOP):
         for op in (9, 8, 1):
             payload = data(op, pid)
-            assert run_program(prog, payload) == expected(payload, set(peers)), (op, pid)
+            assert run_program(prog, payload) == expected(payload, rule), (op, pid)
         assert run_program(prog, data(9, pid, 7)) == CONTROL_INDEX      # < 8 bytes
 
 
@@ -75,6 +91,7 @@ def test_incremental_set_and_program_follow_adds_and_deletes(ops):
     """Runs are merged/split on every add/delete; the program matches after each step."""
     ids = PeerIdSet()
     model: set[int] = set()
+    seen = (ids.layout, ids.block_runs())
     for add, pid in ops:
         if add:
             assert ids.add(pid) == (pid not in model)
@@ -87,6 +104,13 @@ def test_incremental_set_and_program_follow_adds_and_deletes(ops):
         assert all(lo <= hi for lo, hi in runs)
         assert all(a[1] + 1 < b[0] for a, b in zip(runs, runs[1:]))    # disjoint, not adjacent
         check(steering_program(ids), model)
+        blocks = ids.block_runs()
+        assert {i for lo, hi in blocks for i in range(lo, hi + 1)} == widened(model)
+        assert all(a[1] + 1 < b[0] for a, b in zip(blocks, blocks[1:]))
+        check(block_program(ids), model, widened(model))
+        # layout moves exactly when the blocks change (what the host re-attaches on)
+        assert (ids.layout != seen[0]) == (blocks != seen[1])
+        seen = (ids.layout, blocks)
 
 
 def test_dense_ids_are_one_run_and_a_small_program():
@@ -156,8 +180,80 @@ def test_packed_program_is_the_kernels_struct():
     assert [struct.unpack_from("=HBBI", raw, 8 * i) for i in range(len(prog))] == prog
 
 
+def test_dense_ids_change_the_block_layout_once_per_block():
+    """A server's connect burst (ids 0, 1, 2, ...): the engine re-attaches once per
+    64 peers, and deleting them all again changes the layout as rarely."""
+    ids = PeerIdSet()
+    layouts = set()
+    for pid in range(1000):
+        ids.add(pid)
+        layouts.add(ids.layout)
+    assert len(layouts) == -(-1000 // STEER_BLOCK) == 16
+    assert ids.block_runs() == [(0, 16 * STEER_BLOCK - 1)]
+    prog = block_program(ids)
+    assert len(prog) <= 13
+    check(prog, range(1000), widened(range(1000)))
+    before = ids.layout
+    for pid in range(1, 1000):          # one peer left in block 0: still steered
+        ids.discard(pid)
+    assert ids.block_runs() == [(0, STEER_BLOCK - 1)] and ids.layout == before + 15
+    ids.discard(0)
+    assert ids.block_runs() == [] and block_program(ids) == steering_program([])
+    assert block_program(None) == steering_program(None)
+    assert list(ids) == [] and len(ids) == 0
+
+
+def test_scattered_blocks_overflow_to_opcode_only():
+    ids = PeerIdSet(range(0, 2 * STEER_BLOCK * (MAX_TREE_RUNS + 1), 2 * STEER_BLOCK))
+    assert len(ids.block_runs()) == MAX_TREE_RUNS + 1
+    assert block_program(ids) == steering_program(None)
+    ids.discard(0)
+    prog = block_program(ids)
+    assert len(prog) <= BPF_MAXINSNS
+    assert run_program(prog, data(9, 0)) == CONTROL_INDEX
+    assert run_program(prog, data(9, 2 * STEER_BLOCK + 5)) == ENGINE_INDEX
+
+
+KERNEL_IDS = [7, 9, 1000, *range(0, 5), *range(20, 40), 0xFFFFFF]
+#: (payload, exact rule's socket, block rule's socket); ids 8, 5, 19, 30, 40 share a
+#: block with a peer, 0xFFFFFE too; 1023/1024 are the edges of 1000's block
+KERNEL_CASES = [
+    (data(9, 7), 1, 1), (data(9, 8), 0, 1), (data(9, 9), 1, 1), (data(9, 1000), 1, 1),
+    (data(7, 7), 0, 0), (data(6, 9), 0, 0), (data(9, 7, 7), 0, 0), (b"", 0, 0), (b"H", 0, 0),
+    (data(9, 0), 1, 1), (data(9, 4), 1, 1), (data(9, 5), 0, 1), (data(9, 19), 0, 1),
+    (data(9, 20), 1, 1), (data(9, 29), 1, 1), (data(9, 30), 0, 1), (data(9, 31), 1, 1),
+    (data(9, 39), 1, 1), (data(9, 40), 0, 1), (data(9, 63), 0, 1), (data(9, 64), 0, 0),
+    (data(9, 959), 0, 0), (data(9, 960), 0, 1), (data(9, 1023), 0, 1), (data(9, 1024), 0, 0),
+    (data(9, 0xFFFFBF), 0, 0), (data(9, 0xFFFFC0), 0, 1), (data(9, 0xFFFFFE), 0, 1),
+    (data(9, 0xFFFFFF), 1, 1), (data(8, 0xFFFFFF), 0, 0), (data(8, 30), 0, 0),
+]
+
+
+def exchange(ctl, eng, tx, cases) -> None:
+    """Send every (payload, socket index) case 40 times; each must land on that socket only."""
+    want: dict[int, list[bytes]] = {0: [], 1: []}
+    got: dict[int, list[bytes]] = {0: [], 1: []}
+    ctl.setblocking(False)
+    eng.setblocking(False)
+    for rnd in range(41):             # small rounds: never overflow a receive buffer
+        if rnd < 40:
+            for payload, where in cases:
+                tx.sendto(payload, ctl.getsockname()[:2])
+                want[where].append(payload)
+        time.sleep(0.01 if rnd < 40 else 0.2)
+        for idx, s in ((0, ctl), (1, eng)):
+            while True:
+                try:
+                    got[idx].append(s.recv(100))
+                except BlockingIOError:
+                    break
+    assert sorted(got[0]) == sorted(want[0])
+    assert sorted(got[1]) == sorted(want[1])
+
+
+@pytest.mark.parametrize("rule", ["exact", "blocks"])
 @pytest.mark.parametrize("family,addr", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
-def test_kernel_steers_exactly(family, addr):
+def test_kernel_steers_exactly(family, addr, rule):
     ctl = make_udp_socket((addr, 0))
     try:
         steering.attach_program(ctl, steering_program([]))   # before the engine joins
@@ -167,32 +263,15 @@ def test_kernel_steers_exactly(family, addr):
         pytest.skip(f"no {family!r} loopback here: {exc}")
     tx = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        ids = PeerIdSet([7, 9, 1000, *range(0, 5), *range(20, 40), 0xFFFFFF])
+        ids = PeerIdSet(KERNEL_IDS)
         ids.discard(30)                   # splits 20..39
-        steering.attach_program(eng, steering_program(ids))
-        cases = [(data(9, 7), 1), (data(9, 8), 0), (data(9, 9), 1), (data(9, 1000), 1),
-                 (data(7, 7), 0), (data(6, 9), 0), (data(9, 7, 7), 0), (b"", 0), (b"H", 0),
-                 (data(9, 0), 1), (data(9, 4), 1), (data(9, 5), 0), (data(9, 19), 0),
-                 (data(9, 20), 1), (data(9, 29), 1), (data(9, 30), 0), (data(9, 31), 1),
-                 (data(9, 39), 1), (data(9, 40), 0), (data(9, 0xFFFFFE), 0),
-                 (data(9, 0xFFFFFF), 1), (data(8, 0xFFFFFF), 0)]
-        want: dict[int, list[bytes]] = {0: [], 1: []}
-        got: dict[int, list[bytes]] = {0: [], 1: []}
-        ctl.setblocking(False)
-        for rnd in range(41):             # small rounds: never overflow a receive buffer
-            if rnd < 40:
-                for payload, where in cases:
-                    tx.sendto(payload, ctl.getsockname()[:2])
-                    want[where].append(payload)
-            time.sleep(0.01 if rnd < 40 else 0.2)
-            for idx, s in ((0, ctl), (1, eng)):
-                while True:
-                    try:
-                        got[idx].append(s.recv(100))
-                    except BlockingIOError:
-                        break
-        assert sorted(got[0]) == sorted(want[0])
-        assert sorted(got[1]) == sorted(want[1])
+        prog = steering_program(ids) if rule == "exact" else block_program(ids)
+        steering.attach_program(eng, prog)
+        col = 1 if rule == "exact" else 2
+        for payload, *where in KERNEL_CASES:  # the table agrees with the rules themselves
+            peers = set(ids) if rule == "exact" else widened(ids)
+            assert expected(payload, peers) == where[col - 1], payload[:4]
+        exchange(ctl, eng, tx, [(c[0], c[col]) for c in KERNEL_CASES])
     finally:
         tx.close()
         eng.close()
