@@ -459,3 +459,46 @@ def test_failed_lookups_leave_no_openssl_error_behind(pki: PKI) -> None:
     assert cli.handshake_complete and lib.ERR_peek_error() == 0
     cli.write(b"after\x00")
     assert _pump(srv, cli) == [b"after\x00"]
+
+
+def _cert_with_subject(attrs: list) -> object:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(attrs)
+    now = datetime.datetime(2026, 1, 1)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+
+
+@pytest.mark.parametrize("attrs", [
+    [("O", "Org", None), ("CN", "alice", None)],
+    [("CN", "first", None), ("CN", "last wins", None)],       # OpenVPN takes the last CN
+    [("CN", "zoë-ünïcode", None)],
+    [("CN", "bmp name", "BMPString")],
+    [("CN", "printable", "PrintableString")],
+    [("O", "no common name", None)],
+])
+def test_common_name_from_openssl_matches_cryptography(attrs: list) -> None:
+    """The peer's CN read from OpenSSL's parsed certificate (the cheap path taken at
+    every handshake) is exactly what the cryptography parse says."""
+    from cryptography import x509
+    from cryptography.x509.name import _ASN1Type
+    from cryptography.x509.oid import NameOID
+    from OpenSSL import crypto
+
+    from bsd_ovpn.proto.tls import _common_name, _openssl_common_name
+
+    oids = {"CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME}
+    cert = _cert_with_subject([
+        x509.NameAttribute(oids[k], v, _type=getattr(_ASN1Type, t)) if t
+        else x509.NameAttribute(oids[k], v) for k, v, t in attrs])
+    known, cn = _openssl_common_name(crypto.X509.from_cryptography(cert))  # type: ignore[arg-type]
+    assert known
+    assert cn == _common_name(cert)  # type: ignore[arg-type]
