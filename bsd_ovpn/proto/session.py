@@ -181,7 +181,8 @@ class Session:
                  "cc_exit", "peer_info", "peer_common_name", "username", "resend_wkc", "pushed",
                  "_push_assembler", "_auth_token", "_push_request_due", "_push_sent_at",
                  "_push_wanted", "auth_failed", "ping", "ping_restart", "_last_sent",
-                 "_last_received", "_exit_sent", "dyn_tls_crypt", "_dyn_wrap", "__weakref__")
+                 "_last_received", "_exit_sent", "dyn_tls_crypt", "_dyn_wrap", "_dyn_source",
+                 "__weakref__")
 
     def __init__(self, settings: SessionSettings, wrap: object, now: float, *,
                  local_sid: bytes | None = None, remote_sid: bytes | None = None,
@@ -227,6 +228,9 @@ class Session:
         self._exit_sent = False
         self.dyn_tls_crypt = False
         self._dyn_wrap: object | None = None
+        #: the key_id 0 TLS session the dynamic tls-crypt key is exported from, kept
+        #: until the first renegotiation needs the wrap (most sessions never do)
+        self._dyn_source: Any = None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -912,7 +916,7 @@ class Session:
                 key2 = derive_key2_prf(client_src, server_src, csid, ssid)
             ks.keys = split_key2(key2, self.cipher, server=self.server, key_id=ks.key_id)
             if ks.key_id == 0 and self.dyn_tls_crypt and self._dyn_wrap is None:
-                self._dyn_wrap = self._make_dyn_wrap(ks)
+                self._dyn_source = ks.tls      # the export waits for its first use
             # the KM2 randoms served their purpose; do not keep key material around
             ks.local_source = ks.remote_km = None
         except (OvpnError, ValueError) as exc:
@@ -930,13 +934,18 @@ class Session:
 
     def _wrap_for(self, key_id: int) -> Any:
         """Control wrapping for a key_id: dynamic tls-crypt for renegotiations (§5.5)."""
-        if key_id > 0 and self._dyn_wrap is not None:
-            return self._dyn_wrap
+        if key_id > 0:
+            if self._dyn_wrap is None and self._dyn_source is not None:
+                self._dyn_wrap = self._make_dyn_wrap(self._dyn_source)
+                self._dyn_source = None
+            if self._dyn_wrap is not None:
+                return self._dyn_wrap
         return self.wrap
 
-    def _make_dyn_wrap(self, ks: KeyState) -> Any:
-        assert ks.tls is not None
-        ekm = ks.tls.export_keying_material(DYN_TLS_CRYPT_LABEL, 256)
+    def _make_dyn_wrap(self, tls: Any) -> Any:
+        """Exported when first needed, not at every handshake: the key_id 0 session
+        is alive until a renegotiation completes, and that is the first use."""
+        ekm = tls.export_keying_material(DYN_TLS_CRYPT_LABEL, 256)
         return dynamic_tls_crypt(ekm, self.wrap.base_key, self.server)
 
     def _established(self, ks: KeyState, now: float) -> None:

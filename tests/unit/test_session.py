@@ -332,6 +332,8 @@ def test_renegotiation_three_times_and_key_id_wrap(tls: tuple[TLSConfig, TLSConf
     net.run(net.established)
     # dynamic tls-crypt is negotiated exactly when EKM is
     assert net.client.dyn_tls_crypt == net.server_session.dyn_tls_crypt == ekm
+    # its key is exported at the first renegotiation, not at every handshake
+    assert net.server_session._dyn_wrap is None and net.client._dyn_wrap is None
     assert (net.client._wrap_for(1) is not net.client.wrap) == ekm
     seen = [0]
     for i in range(9):                      # 0 -> 1..7 -> 1 -> 2
