@@ -50,6 +50,16 @@ def _shuttle(a: TLSChannel, b: TLSChannel) -> tuple[list[bytes], list[bytes]]:
     return got_a, got_b
 
 
+def _messages_both_ways(a: TLSChannel, b: TLSChannel) -> None:
+    """Three messages each way, several records per direction, all read in order."""
+    for i in range(3):
+        a.write(b"to b %d\x00" % i)
+        b.write(b"to a %d\x00" % i)
+    got_a, got_b = _shuttle(a, b)
+    assert got_a == [b"to a %d\x00" % i for i in range(3)]
+    assert got_b == [b"to b %d\x00" % i for i in range(3)]
+
+
 def _connect(srv_cfg: TLSConfig, cli_cfg: TLSConfig) -> tuple[TLSChannel, TLSChannel]:
     srv, cli = TLSChannel(srv_cfg, server=True), TLSChannel(cli_cfg, server=False)
     _shuttle(srv, cli)
@@ -70,13 +80,7 @@ def test_handed_off_side_talks_to_openssl(pki: PKI, suite: str, ours: str) -> No
     # the exporter (OpenVPN's EKM and dynamic tls-crypt) is OpenSSL's, bit for bit
     for label, n in ((EKM_LABEL, 256), (DYN_TLS_CRYPT_LABEL, 256), (b"EXPORTER-x", 17)):
         assert me.export_keying_material(label, n) == peer.export_keying_material(label, n)
-    # messages both ways, several records per direction
-    for i in range(3):
-        me.write(b"to peer %d\x00" % i)
-        peer.write(b"to us %d\x00" % i)
-    got_me, got_peer = _shuttle(me, peer)
-    assert got_me == [b"to us %d\x00" % i for i in range(3)]
-    assert got_peer == [b"to peer %d\x00" % i for i in range(3)]
+    _messages_both_ways(me, peer)
 
 
 def test_key_update_answered_by_openssl(pki: PKI) -> None:
@@ -253,14 +257,8 @@ def test_finished_and_first_messages_in_one_flight(pki: PKI, ours: str,
     cli.receive(srv.outgoing())                   # tickets + two application records
     got_cli = [cli.read_record(), cli.read_record(), cli.read_record()]
     assert got_cli == [b"key method 2 reply\x00", b"PUSH_REPLY,ping 10\x00", b""]
-    got_cli2, got_srv = _shuttle(cli, srv)
+    _shuttle(cli, srv)
     assert srv.handed_off == (ours in ("server", "both"))
     assert cli.handed_off == (ours in ("client", "both"))
-    # the sequence numbers the hand-off took are right: more messages both ways
-    for i in range(3):
-        srv.write(b"s%d\x00" % i)
-        cli.write(b"c%d\x00" % i)
-    got_cli, got_srv = _shuttle(cli, srv)
-    assert got_cli == [b"s%d\x00" % i for i in range(3)]
-    assert got_srv == [b"c%d\x00" % i for i in range(3)]
+    _messages_both_ways(srv, cli)     # the sequence numbers the hand-off took are right
     assert failed == []                           # no handshake record was trial-decrypted
