@@ -84,7 +84,7 @@ class IfOvpnPeers:
         self.sock = sock
         self.drain_spacing = drain_spacing
         self._clock = clock
-        self._drain_next = 0.0               # time.monotonic() of the next allowed drain
+        self._drain_next = 0.0               # clock() of the next allowed drain
         self._drain_skipped = False          # a drain was asked for before _drain_next
         self.peers: set[int] = set()
         self.keepalive: dict[int, tuple[int, int]] = {}
