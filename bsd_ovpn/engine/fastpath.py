@@ -309,12 +309,15 @@ def run_manual(argv: list[str] | None = None) -> int:
             dp.set_key(pid, 0, 0, args.cipher, os.urandom(n), os.urandom(8) if n else b"",
                        os.urandom(n), os.urandom(8) if n else b"")
         dp.offload = not args.no_offload
-        dp.attach(udp.fileno(), dev.fd)
-        dp.set_running(True)
+        # the tun is up (and addressed) before the data plane reads the socket: a
+        # packet the peer sends meanwhile (e.g. its IPv6 MLD/ND) would otherwise be
+        # written to a tun that is still down, fail, and count as lost
         dev.set_up()
         for cidr in args.tun_addr:
             subprocess.run(["ip", "addr", "add", cidr, "dev", dev.name], check=True,
                            capture_output=True, timeout=10)
+        dp.attach(udp.fileno(), dev.fd)
+        dp.set_running(True)
         gso, gro = dp.offload_state()
         print("READY " + json.dumps({"peers": dp.peer_count(), "gso": gso, "gro": gro,
                                      **_memory_kb()}), flush=True)
